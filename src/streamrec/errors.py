@@ -1,0 +1,93 @@
+"""Every exception streamrec raises on purpose, in one tree.
+
+Owns: the exception hierarchy and the data each exception carries. It must not
+import anything else of ours (every package may import it).
+
+The tree::
+
+    StreamrecError                  base of everything below
+    ├── ConfigError(ValueError)     a config value or file is wrong; names the field
+    └── StoreError                  a table or store cannot do what was asked
+        ├── TableFull               no row or index room left; carries the counts
+        └── TableBusy               a bucket stayed locked past the reader's patience
+
+Input checks at public entry points raise the builtin ``TypeError`` or
+``ValueError`` (what callers expect from a numpy-style API); the message says
+what was expected and what came. The classes here are for conditions of the
+system, not of the argument.
+
+Thread safety: exceptions are plain values; nothing here holds state.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "ConfigError",
+    "StoreError",
+    "StreamrecError",
+    "TableBusy",
+    "TableFull",
+]
+
+
+class StreamrecError(Exception):
+    """Base class of every error streamrec raises on purpose."""
+
+
+class ConfigError(StreamrecError, ValueError):
+    """A configuration value or file is invalid.
+
+    Attributes:
+        field: dotted name of the offending field (``"table.dim"``), or ``""``.
+    """
+
+    def __init__(self, message: str, *, field: str = "") -> None:
+        super().__init__(f"{field}: {message}" if field else message)
+        self.field = field
+
+
+class StoreError(StreamrecError):
+    """A store operation could not be carried out."""
+
+
+class TableFull(StoreError):
+    """The table has no room for more rows.
+
+    Raised when the row arena reached its reservation (``max_rows``) or the index
+    cannot grow further. Rows already written by the failing batch stay written;
+    the batch stopped at ``position``.
+
+    Attributes:
+        rows: live rows when the error was raised.
+        max_rows: the arena's reservation.
+        load_factor: index load factor at the time.
+        position: index in the caller's batch of the first key not stored.
+    """
+
+    def __init__(self, *, rows: int, max_rows: int, load_factor: float, position: int) -> None:
+        super().__init__(
+            f"table full: {rows} rows of max_rows={max_rows} (index load {load_factor:.3f}); "
+            f"batch stopped at position {position}; raise max_rows or add an eviction policy"
+        )
+        self.rows = rows
+        self.max_rows = max_rows
+        self.load_factor = load_factor
+        self.position = position
+
+
+class TableBusy(StoreError):
+    """A reader found a bucket locked for longer than it is willing to wait.
+
+    Within one process this cannot happen while the writer is alive; for a reader
+    of another process's table it means the writer died mid-update.
+
+    Attributes:
+        waited_s: how long the reader retried.
+    """
+
+    def __init__(self, *, waited_s: float) -> None:
+        super().__init__(
+            f"a bucket stayed locked for {waited_s:.3f} s: the table's writer is stuck or died "
+            "mid-update"
+        )
+        self.waited_s = waited_s

@@ -1,0 +1,293 @@
+"""The cuckoo index: bucket layout, key hashing, tag matching, placement.
+
+Owns: the 64-byte bucket format and every kernel helper that reads or writes
+buckets (hash, SWAR tag match, seqlock lock/unlock, breadth-first cuckoo
+displacement, rebuilding into a larger index). It must not know the row
+layout beyond "the key is the row's first uint64".
+
+Bucket format (one cache line, ``NB`` buckets, a power of two)::
+
+    bytes  0..11  tags of slots 0..11 (uint8; 0 = empty slot)
+    bytes 12..15  version (uint32 seqlock: odd while the writer changes the bucket)
+    bytes 16..63  row numbers of slots 0..11 (uint32)
+
+The same memory is viewed three ways: ``idx64`` (NB, 8) uint64 for SWAR tag
+matching (word 0 = tags 0-7, low half of word 1 = tags 8-11), ``idx32`` (NB, 16)
+uint32 for the version (word 3) and rows (words 4..15), ``idx8`` (NB, 64) uint8
+to write one tag.
+
+Hashing: ``h = splitmix64(key)`` (a bijection, so every uint64 is a key, 0 and
+2**64-1 included). Bucket 1 is ``h & mask``; the tag is the top byte of ``h``
+(0 is remapped to 1, leaving 0 for "empty"); bucket 2 is
+``b1 ^ (TAG_HASH[tag] & mask)``, an involution that needs only the bucket and
+the tag, so a key moves to its other bucket without reading its row (libcuckoo's
+scheme). ``TAG_HASH`` entries are odd, so the two buckets always differ.
+
+Thread safety: one writer, many readers. The writer brackets every change of a
+bucket (and of the rows it points to) with two increments of that bucket's
+version; readers read both candidate versions, probe, copy, and re-read them,
+retrying on a difference or an odd value (a seqlock). Requires: callers hold
+the table's writer lock for every function documented "writer only".
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from streamrec.store._jit import barrier, ctz, inline, kernel
+
+__all__ = [
+    "BUCKET_BYTES",
+    "MAX_BFS_NODES",
+    "ROW0",
+    "SLOTS",
+    "VER",
+    "alt_bucket",
+    "find_empty",
+    "hash_key",
+    "lock",
+    "locate",
+    "make_room",
+    "match",
+    "publish",
+    "tag_of",
+    "unlock",
+    "unpublish",
+]
+
+SLOTS = 12  # 12 tags + 12 uint32 rows + a uint32 version fill a 64-byte line exactly
+BUCKET_BYTES = 64
+VER = 3  # uint32 word of the version
+ROW0 = 4  # uint32 word of slot 0's row number
+MAX_BFS_NODES = 1024  # buckets a displacement search may visit (3 levels of 12-way)
+_MAX_BFS_DEPTH = 3  # displacements per insert at most; deeper means "grow instead"
+
+_U64 = np.uint64
+_GOLDEN = _U64(0x9E3779B97F4A7C15)
+_M1 = _U64(0xBF58476D1CE4E5B9)
+_M2 = _U64(0x94D049BB133111EB)
+_S30, _S27, _S31, _S56, _S7 = _U64(30), _U64(27), _U64(31), _U64(56), _U64(7)
+_LO = _U64(0x0101010101010101)
+_LOW7 = _U64(0x7F7F7F7F7F7F7F7F)
+_LOW_HALF_HIGHBITS = _U64(0x80808080)
+_MOVEMASK = _U64(0x0102040810204080)  # gathers the 8 byte flags into the top byte
+_ONE = _U64(1)
+_ZERO = _U64(0)
+
+
+def _tag_hashes() -> np.ndarray:
+    out = np.empty(256, dtype=np.uint64)
+    with np.errstate(over="ignore"):
+        for t in range(256):
+            z = np.uint64(t) + _GOLDEN
+            z = (z ^ (z >> _S30)) * _M1
+            z = (z ^ (z >> _S27)) * _M2
+            out[t] = (z ^ (z >> _S31)) | _ONE
+    return out
+
+
+TAG_HASH = _tag_hashes()
+
+
+@inline
+def hash_key(key: np.uint64) -> np.uint64:
+    """splitmix64's finaliser: a bijection on uint64 with full avalanche."""
+    z = key + _GOLDEN
+    z = (z ^ (z >> _S30)) * _M1
+    z = (z ^ (z >> _S27)) * _M2
+    return z ^ (z >> _S31)
+
+
+@inline
+def tag_of(h: np.uint64) -> np.uint64:
+    t = h >> _S56
+    if t == _ZERO:
+        t = _ONE
+    return t
+
+
+@inline
+def alt_bucket(b: np.int64, tag: np.uint64, mask: np.uint64) -> np.int64:
+    return np.int64(_U64(b) ^ (TAG_HASH[np.int64(tag)] & mask))
+
+
+@inline
+def _zero_bytes(x: np.uint64) -> np.uint64:
+    """0x80 in every byte of ``x`` that is zero, 0 elsewhere (exact: no borrow)."""
+    y = (x & _LOW7) + _LOW7
+    return ~(y | x | _LOW7)
+
+
+@inline
+def _movemask(m: np.uint64) -> np.uint64:
+    return ((m >> _S7) * _MOVEMASK) >> _S56
+
+
+@inline
+def match(idx64: np.ndarray, b: np.int64, tag: np.uint64) -> np.uint64:
+    """Bit s set iff slot s of bucket b holds ``tag`` (tag 0 finds empty slots).
+
+    One XOR and one exact zero-byte test per 64-bit word compare all 12 tags
+    (SwissTable's portable group match, without its false positives).
+    """
+    pat = tag * _LO
+    m0 = _zero_bytes(idx64[b, 0] ^ pat)
+    m1 = _zero_bytes(idx64[b, 1] ^ pat) & _LOW_HALF_HIGHBITS
+    return _movemask(m0) | (_movemask(m1) << _U64(8))
+
+
+@inline
+def lock(idx32: np.ndarray, b: np.int64) -> None:
+    """Writer only. Make bucket b's version odd: readers of it will retry."""
+    idx32[b, VER] += np.uint32(1)
+    barrier()
+
+
+@inline
+def unlock(idx32: np.ndarray, b: np.int64) -> None:
+    """Writer only. Make bucket b's version even again (one more than at lock)."""
+    barrier()
+    idx32[b, VER] += np.uint32(1)
+
+
+@inline
+def locate(
+    idx64: np.ndarray, idx32: np.ndarray, arena64: np.ndarray, key: np.uint64,
+    b1: np.int64, b2: np.int64, tag: np.uint64,
+) -> tuple[np.int64, np.int64, np.int64]:
+    """Writer only (no seqlock). ``(bucket, slot, row)`` of ``key``, or ``(-1, -1, -1)``."""
+    m = match(idx64, b1, tag)
+    while m != _ZERO:
+        s = np.int64(ctz(m))
+        r = np.int64(idx32[b1, ROW0 + s])
+        if arena64[r, 0] == key:
+            return b1, s, r
+        m &= m - _ONE
+    m = match(idx64, b2, tag)
+    while m != _ZERO:
+        s = np.int64(ctz(m))
+        r = np.int64(idx32[b2, ROW0 + s])
+        if arena64[r, 0] == key:
+            return b2, s, r
+        m &= m - _ONE
+    return np.int64(-1), np.int64(-1), np.int64(-1)
+
+
+@inline
+def find_empty(idx64: np.ndarray, b: np.int64) -> np.int64:
+    m = match(idx64, b, _ZERO)
+    if m == _ZERO:
+        return np.int64(-1)
+    return np.int64(ctz(m))
+
+
+@inline
+def publish(
+    idx32: np.ndarray, idx8: np.ndarray, b: np.int64, s: np.int64, tag: np.uint64, row: np.int64
+) -> None:
+    """Writer only. Put (tag, row) in empty slot s of bucket b under the seqlock."""
+    lock(idx32, b)
+    idx32[b, ROW0 + s] = np.uint32(row)
+    idx8[b, s] = np.uint8(tag)
+    unlock(idx32, b)
+
+
+@inline
+def unpublish(idx32: np.ndarray, idx8: np.ndarray, b: np.int64, s: np.int64) -> None:
+    """Writer only. Empty slot s of bucket b under the seqlock."""
+    lock(idx32, b)
+    idx8[b, s] = np.uint8(0)
+    unlock(idx32, b)
+
+
+@inline
+def _on_path(nodes: np.ndarray, n: np.int64, bucket: np.int64) -> bool:
+    while n >= 0:
+        if nodes[n, 0] == bucket:
+            return True
+        n = nodes[n, 1]
+    return False
+
+
+@kernel
+def make_room(
+    idx64: np.ndarray, idx32: np.ndarray, idx8: np.ndarray,
+    b1: np.int64, b2: np.int64, mask: np.uint64, nodes: np.ndarray,
+) -> tuple[np.int64, np.int64]:
+    """Writer only. An empty slot in b1 or b2, displacing keys if both are full.
+
+    Breadth-first search from both buckets for the nearest bucket with an empty
+    slot (at most ``_MAX_BFS_DEPTH`` displacements, ``MAX_BFS_NODES`` buckets
+    visited), then moves keys along the path from its end, each move under the
+    seqlock of both buckets involved, so a concurrent reader of a moving key
+    always retries rather than missing it. No bucket appears twice on a path.
+
+    Args:
+        nodes: scratch, int64 (MAX_BFS_NODES, 3): bucket, parent node, slot.
+
+    Returns:
+        ``(bucket, slot)`` now empty, or ``(-1, -1)``: the index needs to grow
+        (nothing was moved).
+    """
+    s = find_empty(idx64, b1)
+    if s >= 0:
+        return b1, s
+    s = find_empty(idx64, b2)
+    if s >= 0:
+        return b2, s
+    nodes[0, 0] = b1
+    nodes[0, 1] = -1
+    nodes[0, 2] = -1
+    nodes[1, 0] = b2
+    nodes[1, 1] = -1
+    nodes[1, 2] = -1
+    head = 0
+    tail = 2
+    depth_end = 2  # nodes before this index are at the current depth
+    depth = 0
+    found = np.int64(-1)
+    empty_slot = np.int64(-1)
+    while head < tail:
+        if head == depth_end:
+            depth += 1
+            depth_end = tail
+        x = nodes[head, 0]
+        e = find_empty(idx64, x) if head >= 2 else np.int64(-1)
+        if e >= 0:
+            found = head
+            empty_slot = e
+            break
+        if depth < _MAX_BFS_DEPTH:
+            for sl in range(SLOTS):
+                if tail >= MAX_BFS_NODES:
+                    break
+                y = alt_bucket(x, _U64(idx8[x, sl]), mask)
+                if _on_path(nodes, head, y):
+                    continue
+                nodes[tail, 0] = y
+                nodes[tail, 1] = head
+                nodes[tail, 2] = sl
+                tail += 1
+        head += 1
+    if found < 0:
+        return np.int64(-1), np.int64(-1)
+    # Walk back: move the parent's slot into the free slot, which frees the
+    # parent's slot for the grandparent's key, and so on up to a root bucket.
+    n = found
+    free_b = nodes[n, 0]
+    free_s = empty_slot
+    while nodes[n, 1] >= 0:
+        p = nodes[n, 1]
+        pb = nodes[p, 0]
+        ps = nodes[n, 2]
+        lock(idx32, pb)
+        lock(idx32, free_b)
+        idx32[free_b, ROW0 + free_s] = idx32[pb, ROW0 + ps]
+        idx8[free_b, free_s] = idx8[pb, ps]
+        idx8[pb, ps] = np.uint8(0)
+        unlock(idx32, free_b)
+        unlock(idx32, pb)
+        free_b = pb
+        free_s = ps
+        n = p
+    return free_b, free_s

@@ -1,0 +1,215 @@
+"""The row arena's row format, and the kernels that fill and update a row.
+
+Owns: ``RowLayout`` (where the key, metadata, embedding and optimizer state sit
+in a row), the deterministic per-key initializers, and the sparse optimizer
+updates. It must not touch the index.
+
+Row format ("key in value": the row holds its key, so the index holds only a tag
+and a row number)::
+
+    bytes 0..7    key (uint64)
+    bytes 8..11   stamp (uint32): bit 0 = live, bits 1.. = the row's version,
+                  incremented on every write to the row (replicas and exports
+                  read it; it is not the reader's seqlock, the bucket is)
+    bytes 12..15  meta (uint32): access clock and frequency, for eviction
+    then          D embedding elements, then the optimizer state
+                  (Adagrad: D accumulators; Adam: D first moments, D second
+                  moments, beta1**t, beta2**t), padded to 8 bytes
+
+The header is 16 bytes, so at D=64 float32 a row is 272 bytes for 264 bytes of
+key and value (3 % overhead).
+
+Thread safety: kernels here write rows; the caller holds the writer lock and,
+for a row readers can reach, the seqlock of the bucket that points to it.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from streamrec.config import Adagrad, Adam, Initializer, Optimizer
+from streamrec.store._index import hash_key
+from streamrec.store._jit import inline
+
+__all__ = [
+    "HEADER_BYTES",
+    "META",
+    "OPT_ADAGRAD",
+    "OPT_ADAM",
+    "OPT_SGD",
+    "STAMP",
+    "RowLayout",
+    "apply_update",
+    "init_params",
+    "init_state",
+    "init_values",
+    "optimizer_params",
+]
+
+HEADER_BYTES = 16
+STAMP = 2  # uint32 word
+META = 3  # uint32 word
+
+OPT_SGD, OPT_ADAGRAD, OPT_ADAM = 0, 1, 2
+_INIT_CODES = {"zeros": 0, "constant": 1, "uniform": 2, "normal": 3, "truncated_normal": 4}
+
+
+@dataclass(frozen=True)
+class RowLayout:
+    """Where things sit in a row, in units of the value dtype.
+
+    Attributes:
+        dim: embedding elements D.
+        dtype: value dtype (float32 or float64).
+        state_width: optimizer state elements per row.
+        voff: offset of the embedding (after the 16-byte header).
+        row_bytes: bytes per row (a multiple of 8).
+    """
+
+    dim: int
+    dtype: np.dtype
+    state_width: int
+    voff: int
+    row_bytes: int
+
+    @staticmethod
+    def build(dim: int, dtype: np.dtype, optimizer: Optimizer | None) -> RowLayout:
+        item = dtype.itemsize
+        if optimizer is None:
+            state = 0
+        elif isinstance(optimizer, Adagrad):
+            state = dim
+        else:
+            state = 2 * dim + 2
+        raw = HEADER_BYTES + (dim + state) * item
+        return RowLayout(dim, dtype, state, HEADER_BYTES // item, (raw + 7) // 8 * 8)
+
+    @property
+    def row_elems(self) -> int:
+        return self.row_bytes // self.dtype.itemsize
+
+
+def init_params(init: Initializer) -> tuple[int, float, float, np.uint64]:
+    """``(kind code, a, b, seed)`` for the initializer kernels."""
+    code = _INIT_CODES[init.kind]
+    if init.kind == "constant":
+        a, b = init.value, 0.0
+    elif init.kind == "uniform":
+        a, b = init.low, init.high
+    else:
+        a, b = init.mean, init.std
+    return code, float(a), float(b), np.uint64(init.seed)
+
+
+def optimizer_params(opt: Optimizer | None) -> tuple[int, np.ndarray]:
+    """``(optimizer code, hyper-parameters)``: eps, beta1, beta2, initial accumulator."""
+    hp = np.zeros(4, dtype=np.float64)
+    if opt is None:
+        return OPT_SGD, hp
+    if isinstance(opt, Adagrad):
+        hp[0], hp[3] = opt.eps, opt.initial_accumulator
+        return OPT_ADAGRAD, hp
+    assert isinstance(opt, Adam)
+    hp[0], hp[1], hp[2] = opt.eps, opt.beta1, opt.beta2
+    return OPT_ADAM, hp
+
+
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+_SEED_MIX = np.uint64(0xD1B54A32D192ED03)
+_S11 = np.uint64(11)
+_TWO_PI = 2.0 * math.pi
+_INV_2_53 = 1.0 / 9007199254740992.0
+
+
+@inline
+def _next(state: np.uint64) -> tuple[np.uint64, float]:
+    """splitmix64 step: (new state, uniform double in [0, 1))."""
+    state = state + _GOLDEN
+    return state, float(hash_key(state) >> _S11) * _INV_2_53
+
+
+@inline
+def _normal(state: np.uint64) -> tuple[np.uint64, float]:
+    """Box-Muller; draws two uniforms, returns one standard normal."""
+    state, u1 = _next(state)
+    state, u2 = _next(state)
+    return state, math.sqrt(-2.0 * math.log(1.0 - u1)) * math.cos(_TWO_PI * u2)
+
+
+@inline
+def init_values(
+    arenav: np.ndarray, r: np.int64, voff: np.int64, dim: np.int64, key: np.uint64,
+    kind: np.int64, a: float, b: float, seed: np.uint64,
+) -> None:
+    """Fill row r's embedding from the initializer, a pure function of (key, seed)."""
+    state = hash_key(key ^ (seed * _SEED_MIX))
+    for d in range(dim):
+        if kind == 0:
+            x = 0.0
+        elif kind == 1:
+            x = a
+        elif kind == 2:
+            state, u = _next(state)
+            x = a + (b - a) * u
+        elif kind == 3:
+            state, z = _normal(state)
+            x = a + b * z
+        else:
+            state, z = _normal(state)
+            while abs(z) > 2.0:
+                state, z = _normal(state)
+            x = a + b * z
+        arenav[r, voff + d] = x
+
+
+@inline
+def init_state(
+    arenav: np.ndarray, r: np.int64, soff: np.int64, dim: np.int64, opt: np.int64, hp: np.ndarray
+) -> None:
+    """Reset row r's optimizer state (starting at element ``soff``)."""
+    if opt == OPT_ADAGRAD:
+        for d in range(dim):
+            arenav[r, soff + d] = hp[3]
+    elif opt == OPT_ADAM:
+        for d in range(2 * dim):
+            arenav[r, soff + d] = 0.0
+        arenav[r, soff + 2 * dim] = 1.0
+        arenav[r, soff + 2 * dim + 1] = 1.0
+
+
+@inline
+def apply_update(
+    arenav: np.ndarray, r: np.int64, voff: np.int64, dim: np.int64,
+    g: np.ndarray, lr: float, opt: np.int64, hp: np.ndarray,
+) -> None:
+    """One optimizer step on row r with gradient ``g`` (float64, length D).
+
+    The formulas are PyTorch's dense ones, in float64, rounded once on store.
+    """
+    soff = voff + dim
+    if opt == OPT_SGD:
+        for d in range(dim):
+            arenav[r, voff + d] = arenav[r, voff + d] - lr * g[d]
+    elif opt == OPT_ADAGRAD:
+        eps = hp[0]
+        for d in range(dim):
+            acc = arenav[r, soff + d] + g[d] * g[d]
+            arenav[r, soff + d] = acc
+            arenav[r, voff + d] = arenav[r, voff + d] - lr * g[d] / (math.sqrt(acc) + eps)
+    else:
+        eps, beta1, beta2 = hp[0], hp[1], hp[2]
+        p1 = arenav[r, soff + 2 * dim] * beta1
+        p2 = arenav[r, soff + 2 * dim + 1] * beta2
+        arenav[r, soff + 2 * dim] = p1
+        arenav[r, soff + 2 * dim + 1] = p2
+        step = lr / (1.0 - p1)
+        sqrt_bc2 = math.sqrt(1.0 - p2)
+        for d in range(dim):
+            m = beta1 * arenav[r, soff + d] + (1.0 - beta1) * g[d]
+            v = beta2 * arenav[r, soff + dim + d] + (1.0 - beta2) * g[d] * g[d]
+            arenav[r, soff + d] = m
+            arenav[r, soff + dim + d] = v
+            arenav[r, voff + d] = arenav[r, voff + d] - step * m / (math.sqrt(v) / sqrt_bc2 + eps)
