@@ -146,6 +146,7 @@ def init_values(
 ) -> None:
     """Fill row r's embedding from the initializer, a pure function of (key, seed)."""
     state = hash_key(key ^ (seed * _SEED_MIX))
+    w = arenav[r, voff:]  # row slices keep numba's wraparound test out of the loops
     for d in range(dim):
         if kind == 0:
             x = 0.0
@@ -162,7 +163,7 @@ def init_values(
             while abs(z) > 2.0:
                 state, z = _normal(state)
             x = a + b * z
-        arenav[r, voff + d] = x
+        w[d] = x
 
 
 @inline
@@ -170,14 +171,15 @@ def init_state(
     arenav: np.ndarray, r: np.int64, soff: np.int64, dim: np.int64, opt: np.int64, hp: np.ndarray
 ) -> None:
     """Reset row r's optimizer state (starting at element ``soff``)."""
+    st = arenav[r, soff:]
     if opt == OPT_ADAGRAD:
         for d in range(dim):
-            arenav[r, soff + d] = hp[3]
+            st[d] = hp[3]
     elif opt == OPT_ADAM:
         for d in range(2 * dim):
-            arenav[r, soff + d] = 0.0
-        arenav[r, soff + 2 * dim] = 1.0
-        arenav[r, soff + 2 * dim + 1] = 1.0
+            st[d] = 0.0
+        st[2 * dim] = 1.0
+        st[2 * dim + 1] = 1.0
 
 
 @inline
@@ -189,27 +191,28 @@ def apply_update(
 
     The formulas are PyTorch's dense ones, in float64, rounded once on store.
     """
-    soff = voff + dim
+    w = arenav[r, voff:]
+    st = arenav[r, voff + dim:]
     if opt == OPT_SGD:
         for d in range(dim):
-            arenav[r, voff + d] = arenav[r, voff + d] - lr * g[d]
+            w[d] = w[d] - lr * g[d]
     elif opt == OPT_ADAGRAD:
         eps = hp[0]
         for d in range(dim):
-            acc = arenav[r, soff + d] + g[d] * g[d]
-            arenav[r, soff + d] = acc
-            arenav[r, voff + d] = arenav[r, voff + d] - lr * g[d] / (math.sqrt(acc) + eps)
+            acc = st[d] + g[d] * g[d]
+            st[d] = acc
+            w[d] = w[d] - lr * g[d] / (math.sqrt(acc) + eps)
     else:
         eps, beta1, beta2 = hp[0], hp[1], hp[2]
-        p1 = arenav[r, soff + 2 * dim] * beta1
-        p2 = arenav[r, soff + 2 * dim + 1] * beta2
-        arenav[r, soff + 2 * dim] = p1
-        arenav[r, soff + 2 * dim + 1] = p2
+        p1 = st[2 * dim] * beta1
+        p2 = st[2 * dim + 1] * beta2
+        st[2 * dim] = p1
+        st[2 * dim + 1] = p2
         step = lr / (1.0 - p1)
         sqrt_bc2 = math.sqrt(1.0 - p2)
         for d in range(dim):
-            m = beta1 * arenav[r, soff + d] + (1.0 - beta1) * g[d]
-            v = beta2 * arenav[r, soff + dim + d] + (1.0 - beta2) * g[d] * g[d]
-            arenav[r, soff + d] = m
-            arenav[r, soff + dim + d] = v
-            arenav[r, voff + d] = arenav[r, voff + d] - step * m / (math.sqrt(v) / sqrt_bc2 + eps)
+            m = beta1 * st[d] + (1.0 - beta1) * g[d]
+            v = beta2 * st[dim + d] + (1.0 - beta2) * g[d] * g[d]
+            st[d] = m
+            st[dim + d] = v
+            w[d] = w[d] - step * m / (math.sqrt(v) / sqrt_bc2 + eps)
