@@ -220,7 +220,8 @@ def _build(cls: type, raw: Any, where: str) -> Any:
         return cls(**raw)
     except ConfigError as exc:
         if exc.field and not exc.field.startswith(where):
-            raise ConfigError(str(exc).split(": ", 1)[1], field=f"{where}.{exc.field.split('.')[-1]}") from None
+            leaf = exc.field.split(".")[-1]
+            raise ConfigError(str(exc).split(": ", 1)[1], field=f"{where}.{leaf}") from None
         raise
     except TypeError as exc:
         raise ConfigError(str(exc), field=where) from exc
@@ -250,7 +251,8 @@ def table_config_from_dict(raw: Any, where: str = "table") -> TableConfig:
     raw["initializer"] = _build(Initializer, init, f"{where}.initializer")
     if "dim" not in raw:
         raise ConfigError("is required", field=f"{where}.dim")
-    return _build(TableConfig, raw, where)  # type: ignore[no-any-return]
+    cfg: TableConfig = _build(TableConfig, raw, where)
+    return cfg
 
 
 def load_table_config(path: str | Path) -> TableConfig:

@@ -82,7 +82,8 @@ def as_out(out: Any, rows: int, cols: int, dtype: np.dtype) -> np.ndarray:
         return np.empty((rows, cols), dtype=dtype)
     if not isinstance(out, np.ndarray):
         raise TypeError(f"out: expected a numpy array, got {type(out).__name__}")
-    if out.shape != (rows, cols) or out.dtype != dtype or not out.flags.c_contiguous or not out.flags.writeable:
+    flags = out.flags
+    if out.shape != (rows, cols) or out.dtype != dtype or not flags.c_contiguous or not flags.writeable:
         raise ValueError(
             f"out: expected a writeable C-contiguous {dtype} array of shape ({rows}, {cols}), "
             f"got {out.dtype} {out.shape} (c_contiguous={out.flags.c_contiguous}, "

@@ -90,7 +90,7 @@ TAG_HASH = _tag_hashes()
 
 
 @inline
-def hash_key(key: np.uint64) -> np.uint64:
+def hash_key(key: int) -> int:
     """splitmix64's finaliser: a bijection on uint64 with full avalanche."""
     z = key + _GOLDEN
     z = (z ^ (z >> _S30)) * _M1
@@ -99,7 +99,7 @@ def hash_key(key: np.uint64) -> np.uint64:
 
 
 @inline
-def tag_of(h: np.uint64) -> np.uint64:
+def tag_of(h: int) -> int:
     t = h >> _S56
     if t == _ZERO:
         t = _ONE
@@ -107,24 +107,24 @@ def tag_of(h: np.uint64) -> np.uint64:
 
 
 @inline
-def alt_bucket(b: np.int64, tag: np.uint64, mask: np.uint64) -> np.int64:
+def alt_bucket(b: int, tag: int, mask: int) -> int:
     return np.int64(_U64(b) ^ (TAG_HASH[np.int64(tag)] & mask))
 
 
 @inline
-def _zero_bytes(x: np.uint64) -> np.uint64:
+def _zero_bytes(x: int) -> int:
     """0x80 in every byte of ``x`` that is zero, 0 elsewhere (exact: no borrow)."""
     y = (x & _LOW7) + _LOW7
     return ~(y | x | _LOW7)
 
 
 @inline
-def _movemask(m: np.uint64) -> np.uint64:
+def _movemask(m: int) -> int:
     return ((m >> _S7) * _MOVEMASK) >> _S56
 
 
 @inline
-def match(idx64: np.ndarray, b: np.int64, tag: np.uint64) -> np.uint64:
+def match(idx64: np.ndarray, b: int, tag: int) -> int:
     """Bit s set iff slot s of bucket b holds ``tag`` (tag 0 finds empty slots).
 
     One XOR and one exact zero-byte test per 64-bit word compare all 12 tags
@@ -137,14 +137,14 @@ def match(idx64: np.ndarray, b: np.int64, tag: np.uint64) -> np.uint64:
 
 
 @inline
-def lock(idx32: np.ndarray, b: np.int64) -> None:
+def lock(idx32: np.ndarray, b: int) -> None:
     """Writer only. Make bucket b's version odd: readers of it will retry."""
     idx32[b, VER] += np.uint32(1)
     barrier()
 
 
 @inline
-def unlock(idx32: np.ndarray, b: np.int64) -> None:
+def unlock(idx32: np.ndarray, b: int) -> None:
     """Writer only. Make bucket b's version even again (one more than at lock)."""
     barrier()
     idx32[b, VER] += np.uint32(1)
@@ -152,9 +152,9 @@ def unlock(idx32: np.ndarray, b: np.int64) -> None:
 
 @inline
 def locate(
-    idx64: np.ndarray, idx32: np.ndarray, arena64: np.ndarray, key: np.uint64,
-    b1: np.int64, b2: np.int64, tag: np.uint64,
-) -> tuple[np.int64, np.int64, np.int64]:
+    idx64: np.ndarray, idx32: np.ndarray, arena64: np.ndarray, key: int,
+    b1: int, b2: int, tag: int,
+) -> tuple[int, int, int]:
     """Writer only (no seqlock). ``(bucket, slot, row)`` of ``key``, or ``(-1, -1, -1)``."""
     m = match(idx64, b1, tag)
     while m != _ZERO:
@@ -174,7 +174,7 @@ def locate(
 
 
 @inline
-def find_empty(idx64: np.ndarray, b: np.int64) -> np.int64:
+def find_empty(idx64: np.ndarray, b: int) -> int:
     m = match(idx64, b, _ZERO)
     if m == _ZERO:
         return np.int64(-1)
@@ -183,7 +183,7 @@ def find_empty(idx64: np.ndarray, b: np.int64) -> np.int64:
 
 @inline
 def publish(
-    idx32: np.ndarray, idx8: np.ndarray, b: np.int64, s: np.int64, tag: np.uint64, row: np.int64
+    idx32: np.ndarray, idx8: np.ndarray, b: int, s: int, tag: int, row: int
 ) -> None:
     """Writer only. Put (tag, row) in empty slot s of bucket b under the seqlock."""
     lock(idx32, b)
@@ -193,7 +193,7 @@ def publish(
 
 
 @inline
-def unpublish(idx32: np.ndarray, idx8: np.ndarray, b: np.int64, s: np.int64) -> None:
+def unpublish(idx32: np.ndarray, idx8: np.ndarray, b: int, s: int) -> None:
     """Writer only. Empty slot s of bucket b under the seqlock."""
     lock(idx32, b)
     idx8[b, s] = np.uint8(0)
@@ -201,7 +201,7 @@ def unpublish(idx32: np.ndarray, idx8: np.ndarray, b: np.int64, s: np.int64) -> 
 
 
 @inline
-def _on_path(nodes: np.ndarray, n: np.int64, bucket: np.int64) -> bool:
+def _on_path(nodes: np.ndarray, n: int, bucket: int) -> bool:
     while n >= 0:
         if nodes[n, 0] == bucket:
             return True
@@ -212,8 +212,8 @@ def _on_path(nodes: np.ndarray, n: np.int64, bucket: np.int64) -> bool:
 @kernel
 def make_room(
     idx64: np.ndarray, idx32: np.ndarray, idx8: np.ndarray,
-    b1: np.int64, b2: np.int64, mask: np.uint64, nodes: np.ndarray,
-) -> tuple[np.int64, np.int64]:
+    b1: int, b2: int, mask: int, nodes: np.ndarray,
+) -> tuple[int, int]:
     """Writer only. An empty slot in b1 or b2, displacing keys if both are full.
 
     Breadth-first search from both buckets for the nearest bucket with an empty

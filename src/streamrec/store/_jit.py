@@ -26,7 +26,7 @@ from numba import njit, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-__all__ = ["barrier", "ctz", "inline", "kernel", "load_acquire", "prefetch", "prefetch2"]
+__all__ = ["barrier", "ctz", "inline", "kernel", "load_acquire", "prefetch", "prefetch2", "prefetch2_nta"]
 
 _SETTINGS: dict[str, Any] = {
     "nogil": True,
@@ -42,8 +42,7 @@ inline = njit(inline="always", **_SETTINGS)
 """Decorator for small helpers inlined into kernels (hashing, tag match)."""
 
 
-@intrinsic
-def prefetch(typingctx: Any, arr: Any, i: Any) -> Any:
+def _prefetch(typingctx: Any, arr: Any, i: Any) -> Any:
     """Prefetch the cache line holding ``arr[i]`` (``arr[i, 0]`` for 2-D) for reading.
 
     Emits ``llvm.prefetch`` with locality 3 (keep in all cache levels). Measured
@@ -72,35 +71,44 @@ def prefetch(typingctx: Any, arr: Any, i: Any) -> Any:
     return sig, codegen
 
 
-@intrinsic
-def prefetch2(typingctx: Any, arr: Any, i: Any, j: Any) -> Any:
-    """Prefetch the cache line holding ``arr[i, j]`` of a 2-D array."""
-    if not isinstance(arr, types.Array) or arr.ndim != 2:
-        return None
-    sig = types.void(arr, i, j)
+def _prefetch2_intrinsic(locality: int, doc: str) -> Any:
+    def prefetch2_impl(typingctx: Any, arr: Any, i: Any, j: Any) -> Any:
+        if not isinstance(arr, types.Array) or arr.ndim != 2:
+            return None
+        sig = types.void(arr, i, j)
 
-    def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
-        aryty = signature.args[0]
-        ary = context.make_array(aryty)(context, builder, args[0])
-        idx = [
-            context.cast(builder, args[1], signature.args[1], types.intp),
-            context.cast(builder, args[2], signature.args[2], types.intp),
-        ]
-        ptr = cgutils.get_item_pointer(context, builder, aryty, ary, idx, wraparound=False)
-        i8p = ir.IntType(8).as_pointer()
-        i32 = ir.IntType(32)
-        fnty = ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32])
-        fn = cgutils.get_or_insert_function(builder.module, fnty, "llvm.prefetch.p0")
-        builder.call(
-            fn, [builder.bitcast(ptr, i8p), ir.Constant(i32, 0), ir.Constant(i32, 3), ir.Constant(i32, 1)]
-        )
-        return context.get_dummy_value()
+        def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
+            aryty = signature.args[0]
+            ary = context.make_array(aryty)(context, builder, args[0])
+            idx = [
+                context.cast(builder, args[1], signature.args[1], types.intp),
+                context.cast(builder, args[2], signature.args[2], types.intp),
+            ]
+            ptr = cgutils.get_item_pointer(context, builder, aryty, ary, idx, wraparound=False)
+            i8p = ir.IntType(8).as_pointer()
+            i32 = ir.IntType(32)
+            fnty = ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32])
+            fn = cgutils.get_or_insert_function(builder.module, fnty, "llvm.prefetch.p0")
+            args_ = [builder.bitcast(ptr, i8p), ir.Constant(i32, 0), ir.Constant(i32, locality),
+                     ir.Constant(i32, 1)]
+            builder.call(fn, args_)
+            return context.get_dummy_value()
 
-    return sig, codegen
+        return sig, codegen
+
+    prefetch2_impl.__doc__ = doc
+    return intrinsic(prefetch2_impl)
 
 
-@intrinsic
-def barrier(typingctx: Any) -> Any:
+prefetch2: Any = _prefetch2_intrinsic(3, "Prefetch the cache line holding ``arr[i, j]`` of a 2-D array.")
+prefetch2_nta: Any = _prefetch2_intrinsic(
+    0,
+    "Prefetch ``arr[i, j]``'s line non-temporally: for data read once (rows being copied out), "
+    "so it does not evict what is reused (the index) from the caches.",
+)
+
+
+def _barrier(typingctx: Any) -> Any:
     """Order memory accesses around this point, for the seqlock protocol.
 
     An empty inline asm that clobbers memory stops the compiler moving loads and
@@ -119,8 +127,7 @@ def barrier(typingctx: Any) -> Any:
     return sig, codegen
 
 
-@intrinsic
-def load_acquire(typingctx: Any, arr: Any, i: Any, j: Any) -> Any:
+def _load_acquire(typingctx: Any, arr: Any, i: Any, j: Any) -> Any:
     """``arr[i, j]`` as an atomic acquire load: no later load moves above it.
 
     The first read of a seqlock's version; on x86-64 it is a plain ``mov``, and,
@@ -144,10 +151,9 @@ def load_acquire(typingctx: Any, arr: Any, i: Any, j: Any) -> Any:
     return sig, codegen
 
 
-@intrinsic
-def ctz(typingctx: Any, x: Any) -> Any:
+def _ctz(typingctx: Any, x: Any) -> Any:
     """Count trailing zero bits of a uint64 (undefined for 0: callers test first)."""
-    if not (isinstance(x, types.Integer) and x.bitwidth == 64):
+    if not (isinstance(x, types.Integer) and getattr(x, "bitwidth", 0) == 64):
         return None
     sig = types.uint64(x)
 
@@ -158,3 +164,10 @@ def ctz(typingctx: Any, x: Any) -> Any:
         return builder.call(fn, [args[0], ir.Constant(ir.IntType(1), 1)])
 
     return sig, codegen
+
+
+# Typed as Any for the type checker: numba resolves these at compile time.
+prefetch: Any = intrinsic(_prefetch)
+barrier: Any = intrinsic(_barrier)
+ctz: Any = intrinsic(_ctz)
+load_acquire: Any = intrinsic(_load_acquire)

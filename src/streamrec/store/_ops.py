@@ -37,7 +37,14 @@ from streamrec.store._index import (
     unlock,
     unpublish,
 )
-from streamrec.store._jit import barrier, ctz, kernel, load_acquire, prefetch, prefetch2
+from streamrec.store._jit import (
+    barrier,
+    ctz,
+    kernel,
+    load_acquire,
+    prefetch,
+    prefetch2_nta,
+)
 from streamrec.store._rows import STAMP, apply_update, init_state, init_values
 
 __all__ = [
@@ -74,7 +81,7 @@ class Status(IntEnum):
 _OK, _STALE, _INDEX_FULL, _ARENA_FULL, _BUSY = 0, 1, 2, 3, 4
 
 GROUP = 16  # keys hashed and prefetched together by writers
-CHUNK = 512  # keys per round of passes: their 2 x 512 bucket lines stay in L2 for validation
+CHUNK = 512  # keys per round of passes: their bucket lines stay in L2 until validated
 PROBE_AHEAD = 16  # bucket prefetch distance of the probe pass, in keys
 AHEAD = 8  # row prefetch distance of the copy pass, in keys
 _SPIN = 1 << 16  # single-key retries before reporting BUSY
@@ -96,9 +103,9 @@ _ZERO = np.uint64(0)
 @kernel
 def _find_one(
     idx64: np.ndarray, idx32: np.ndarray, retired: np.ndarray, arena64: np.ndarray,
-    arenav: np.ndarray, voff: np.int64, key: np.uint64, b1: np.int64, b2: np.int64,
-    tag: np.uint64, out: np.ndarray, found: np.ndarray, i: np.int64, copy: bool,
-) -> np.int64:
+    arenav: np.ndarray, voff: int, key: int, b1: int, b2: int,
+    tag: int, out: np.ndarray, found: np.ndarray, i: int, copy: bool,
+) -> int:
     """One key under the seqlock, retried until stable. Sets found[i], out[i]."""
     dim = out.shape[1]
     for _ in range(_SPIN):
@@ -147,17 +154,24 @@ def _find_one(
 @kernel
 def find_batch(
     idx64: np.ndarray, idx32: np.ndarray, retired: np.ndarray, arena64: np.ndarray,
-    arenav: np.ndarray, voff: np.int64, keys: np.ndarray, out: np.ndarray,
+    arenav: np.ndarray, voff: int, keys: np.ndarray, out: np.ndarray,
     found: np.ndarray, copy: bool,
-) -> np.int64:
+) -> int:
     """Look up ``keys``; copy embeddings of present keys into ``out`` (zeros if absent).
 
-    Works through the batch in chunks of ``CHUNK`` keys, three passes per chunk:
-    hash; probe, prefetching the buckets of the key ``AHEAD`` places on; copy,
-    prefetching the candidate row of the key ``AHEAD`` places on, then re-read
-    the two versions its probe saw. A chunk's buckets are still in cache when
-    they are validated. (Measured: one fused loop that probes ahead while it
-    copies ran 20-30 % slower than these separate passes.)
+    Works through the batch in chunks of ``CHUNK`` keys, four passes per chunk,
+    each prefetching a fixed distance ahead so the misses of different keys
+    overlap: hash; probe every key's first bucket; probe the second bucket of
+    the keys not found in their first (inserts try the first bucket first, so
+    at load 0.8 that is about 5 % of present keys); copy each row and re-read
+    the versions its probe saw. A key found in one bucket needs only that
+    bucket's version to be unchanged (the key sat there, and any write to its
+    row locks that bucket); an absent key needs both.
+
+    Rows are prefetched non-temporally: each is read once, and keeping them out
+    of the outer caches keeps the index in. Measured (5 M keys, dim 64): this
+    order runs about 1.2x probing both buckets at once, and 1.3x a fused loop
+    that probes ahead while it copies.
 
     Requires: keys uint64 (B,); out (B, D) of the arena's dtype (any (0, D)
     array when ``copy`` is False); found bool (B,).
@@ -175,9 +189,11 @@ def find_batch(
     v1s = np.empty(CHUNK, np.uint32)
     v2s = np.empty(CHUNK, np.uint32)
     cands = np.empty(CHUNK, np.int64)
+    which = np.empty(CHUNK, np.int8)  # bucket the probe ended in: 1, or 2 (both read)
+    miss = np.empty(CHUNK, np.int64)
     for lo in range(0, n, CHUNK):
         c = min(CHUNK, n - lo)
-        for j in range(c):  # hash
+        for j in range(c):
             h = hash_key(keys[lo + j])
             t = tag_of(h)
             b1 = np.int64(h & mask)
@@ -186,39 +202,49 @@ def find_batch(
             tags[j] = t
             if j < PROBE_AHEAD:
                 prefetch(idx64, b1)
-                prefetch(idx64, b2s[j])
-        for j in range(c):  # probe
+        nm = 0
+        for j in range(c):  # first buckets
             if j + PROBE_AHEAD < c:
                 prefetch(idx64, b1s[j + PROBE_AHEAD])
-                prefetch(idx64, b2s[j + PROBE_AHEAD])
             b1 = b1s[j]
-            b2 = b2s[j]
             v1 = load_acquire(idx32, b1, VER)
-            v2 = load_acquire(idx32, b2, VER)
             v1s[j] = v1
-            v2s[j] = v2
-            cand = np.int64(-1)
-            if (v1 | v2) & np.uint32(1):
-                cand = -2
+            if v1 & np.uint32(1):
+                cands[j] = -2
+                which[j] = 1
+                continue
+            m = match(idx64, b1, tags[j])
+            if m != _ZERO:
+                cands[j] = np.int64(idx32[b1, ROW0 + np.int64(ctz(m))])
+                which[j] = 1
             else:
-                m = match(idx64, b1, tags[j])
-                if m != _ZERO:
-                    cand = np.int64(idx32[b1, ROW0 + np.int64(ctz(m))])
-                else:
-                    m = match(idx64, b2, tags[j])
-                    if m != _ZERO:
-                        cand = np.int64(idx32[b2, ROW0 + np.int64(ctz(m))])
-            cands[j] = cand
+                miss[nm] = j
+                nm += 1
+        for q in range(min(PROBE_AHEAD, nm)):
+            prefetch(idx64, b2s[miss[q]])
+        for q in range(nm):  # second buckets, of the keys not in their first
+            if q + PROBE_AHEAD < nm:
+                prefetch(idx64, b2s[miss[q + PROBE_AHEAD]])
+            j = miss[q]
+            b2 = b2s[j]
+            v2 = load_acquire(idx32, b2, VER)
+            v2s[j] = v2
+            which[j] = 2
+            if v2 & np.uint32(1):
+                cands[j] = -2
+                continue
+            m = match(idx64, b2, tags[j])
+            cands[j] = np.int64(idx32[b2, ROW0 + np.int64(ctz(m))]) if m != _ZERO else -1
         for j in range(min(AHEAD, c)):
             if cands[j] >= 0:
                 for ln in range(row_lines if copy else 1):
-                    prefetch2(arenav, cands[j], ln * line_elems)
-        for j in range(c):  # copy and validate
+                    prefetch2_nta(arenav, cands[j], ln * line_elems)
+        for j in range(c):
             if j + AHEAD < c:
                 r = cands[j + AHEAD]
                 if r >= 0:
                     for ln in range(row_lines if copy else 1):
-                        prefetch2(arenav, r, ln * line_elems)
+                        prefetch2_nta(arenav, r, ln * line_elems)
             i = lo + j
             key = keys[i]
             cand = cands[j]
@@ -238,8 +264,15 @@ def find_batch(
                 found[i] = False
                 ok = True
             barrier()
-            if ok and idx32[b1s[j], VER] == v1s[j] and idx32[b2s[j], VER] == v2s[j] and retired[0] == 0:
-                continue
+            if ok and retired[0] == 0:
+                if which[j] == 1:
+                    if idx32[b1s[j], VER] == v1s[j]:
+                        continue
+                elif cand >= 0:
+                    if idx32[b2s[j], VER] == v2s[j]:
+                        continue
+                elif idx32[b1s[j], VER] == v1s[j] and idx32[b2s[j], VER] == v2s[j]:
+                    continue
             st = _find_one(idx64, idx32, retired, arena64, arenav, voff, key,
                            b1s[j], b2s[j], tags[j], out, found, i, copy)
             if st != _OK:
@@ -251,11 +284,11 @@ def find_batch(
 def write_batch(
     idx64: np.ndarray, idx32: np.ndarray, idx8: np.ndarray, arena64: np.ndarray,
     arena32: np.ndarray, arenav: np.ndarray, cnt: np.ndarray, free: np.ndarray,
-    voff: np.int64, dim: np.int64, keys: np.ndarray, start: np.int64, mode: np.int64,
+    voff: int, dim: int, keys: np.ndarray, start: int, mode: int,
     vals: np.ndarray, out: np.ndarray, flags: np.ndarray,
-    init_kind: np.int64, init_a: float, init_b: float, init_seed: np.uint64,
-    opt: np.int64, hp: np.ndarray, nodes: np.ndarray,
-) -> tuple[np.int64, np.int64]:
+    init_kind: int, init_a: float, init_b: float, init_seed: int,
+    opt: int, hp: np.ndarray, nodes: np.ndarray,
+) -> tuple[int, int]:
     """Writer only. Apply one write ``mode`` to keys[start:], in order.
 
     Modes and what ``flags[i]`` records:
@@ -354,9 +387,9 @@ def write_batch(
 @kernel
 def apply_gradients_batch(
     idx64: np.ndarray, idx32: np.ndarray, arena64: np.ndarray, arena32: np.ndarray,
-    arenav: np.ndarray, voff: np.int64, keys: np.ndarray, grads: np.ndarray, lr: float,
-    opt: np.int64, hp: np.ndarray, found: np.ndarray,
-) -> np.int64:
+    arenav: np.ndarray, voff: int, keys: np.ndarray, grads: np.ndarray, lr: float,
+    opt: int, hp: np.ndarray, found: np.ndarray,
+) -> int:
     """Writer only. One optimizer step per distinct present key, duplicates summed.
 
     Duplicates are grouped in O(B) with a small open-addressing map from row to
@@ -434,9 +467,9 @@ def apply_gradients_batch(
 
 @kernel
 def export_rows(
-    arena64: np.ndarray, arena32: np.ndarray, arenav: np.ndarray, voff: np.int64,
-    lo: np.int64, hi: np.int64, keys_out: np.ndarray, vals_out: np.ndarray,
-) -> np.int64:
+    arena64: np.ndarray, arena32: np.ndarray, arenav: np.ndarray, voff: int,
+    lo: int, hi: int, keys_out: np.ndarray, vals_out: np.ndarray,
+) -> int:
     """Writer only. Copy live rows lo <= r < hi: keys, then W elements from the embedding on.
 
     Requires: keys_out uint64 (hi-lo,); vals_out (hi-lo, W). Returns rows copied.
@@ -456,22 +489,36 @@ def export_rows(
 @kernel
 def rebuild_index(
     idx64: np.ndarray, idx32: np.ndarray, idx8: np.ndarray, arena64: np.ndarray,
-    arena32: np.ndarray, high: np.int64, nodes: np.ndarray,
-) -> np.int64:
+    arena32: np.ndarray, high: int, nodes: np.ndarray,
+) -> int:
     """Writer only. Insert every live row below ``high`` into an empty index.
 
     Rows are read in arena order (sequential, prefetch-friendly) rather than by
-    walking the old index. Returns OK, or INDEX_FULL if this size cannot hold them.
+    walking the old index, in groups: hash a group and prefetch its buckets,
+    then place it. Returns OK, or INDEX_FULL if this size cannot hold them.
     """
     mask = np.uint64(idx64.shape[0] - 1)
-    for r in range(high):
-        if not (arena32[r, STAMP] & np.uint32(1)):
-            continue
-        h = hash_key(arena64[r, 0])
-        t = tag_of(h)
-        b1 = np.int64(h & mask)
-        b, s = make_room(idx64, idx32, idx8, b1, alt_bucket(b1, t, mask), mask, nodes)
-        if b < 0:
-            return _INDEX_FULL
-        publish(idx32, idx8, b, s, t, r)
+    rows = np.empty(GROUP, np.int64)
+    b1s = np.empty(GROUP, np.int64)
+    tags = np.empty(GROUP, np.uint64)
+    for base in range(0, high, GROUP):
+        g = 0
+        for r in range(base, min(base + GROUP, high)):
+            if not (arena32[r, STAMP] & np.uint32(1)):
+                continue
+            h = hash_key(arena64[r, 0])
+            t = tag_of(h)
+            b1 = np.int64(h & mask)
+            rows[g] = r
+            b1s[g] = b1
+            tags[g] = t
+            prefetch(idx64, b1)
+            g += 1
+        for j in range(g):
+            b1 = b1s[j]
+            t = tags[j]
+            b, s = make_room(idx64, idx32, idx8, b1, alt_bucket(b1, t, mask), mask, nodes)
+            if b < 0:
+                return _INDEX_FULL
+            publish(idx32, idx8, b, s, t, rows[j])
     return _OK

@@ -125,14 +125,14 @@ _INV_2_53 = 1.0 / 9007199254740992.0
 
 
 @inline
-def _next(state: np.uint64) -> tuple[np.uint64, float]:
+def _next(state: int) -> tuple[int, float]:
     """splitmix64 step: (new state, uniform double in [0, 1))."""
     state = state + _GOLDEN
     return state, float(hash_key(state) >> _S11) * _INV_2_53
 
 
 @inline
-def _normal(state: np.uint64) -> tuple[np.uint64, float]:
+def _normal(state: int) -> tuple[int, float]:
     """Box-Muller; draws two uniforms, returns one standard normal."""
     state, u1 = _next(state)
     state, u2 = _next(state)
@@ -141,8 +141,8 @@ def _normal(state: np.uint64) -> tuple[np.uint64, float]:
 
 @inline
 def init_values(
-    arenav: np.ndarray, r: np.int64, voff: np.int64, dim: np.int64, key: np.uint64,
-    kind: np.int64, a: float, b: float, seed: np.uint64,
+    arenav: np.ndarray, r: int, voff: int, dim: int, key: int,
+    kind: int, a: float, b: float, seed: int,
 ) -> None:
     """Fill row r's embedding from the initializer, a pure function of (key, seed)."""
     state = hash_key(key ^ (seed * _SEED_MIX))
@@ -168,7 +168,7 @@ def init_values(
 
 @inline
 def init_state(
-    arenav: np.ndarray, r: np.int64, soff: np.int64, dim: np.int64, opt: np.int64, hp: np.ndarray
+    arenav: np.ndarray, r: int, soff: int, dim: int, opt: int, hp: np.ndarray
 ) -> None:
     """Reset row r's optimizer state (starting at element ``soff``)."""
     st = arenav[r, soff:]
@@ -184,8 +184,8 @@ def init_state(
 
 @inline
 def apply_update(
-    arenav: np.ndarray, r: np.int64, voff: np.int64, dim: np.int64,
-    g: np.ndarray, lr: float, opt: np.int64, hp: np.ndarray,
+    arenav: np.ndarray, r: int, voff: int, dim: int,
+    g: np.ndarray, lr: float, opt: int, hp: np.ndarray,
 ) -> None:
     """One optimizer step on row r with gradient ``g`` (float64, length D).
 

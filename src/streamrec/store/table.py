@@ -58,7 +58,12 @@ _BUSY_PATIENCE_S = 2.0
 
 @dataclass(frozen=True)
 class TableStats:
-    """A snapshot of a table's counters (see ``EmbeddingTable.stats``)."""
+    """A snapshot of a table's counters (see ``EmbeddingTable.stats``).
+
+    ``grow_load_factors`` lists, for each growth forced by a full index, the
+    load factor at which displacement first failed (growths by ``reserve`` are
+    not in it).
+    """
 
     rows: int
     buckets: int
@@ -69,6 +74,7 @@ class TableStats:
     row_bytes: int
     memory_bytes: int
     index_grows: int
+    grow_load_factors: tuple[float, ...]
 
 
 class _Index:
@@ -171,6 +177,7 @@ class EmbeddingTable:
         self._init = init_params(cfg.initializer)
         self._opt, self._hp = optimizer_params(cfg.optimizer)
         self._grows = 0
+        self._grow_loads: list[float] = []
         self._no_vals = np.empty((0, lay.dim), dtype=lay.dtype)
 
     # -- properties -------------------------------------------------------------
@@ -220,6 +227,7 @@ class EmbeddingTable:
             row_bytes=self._layout.row_bytes,
             memory_bytes=self.memory_bytes,
             index_grows=self._grows,
+            grow_load_factors=tuple(self._grow_loads),
         )
 
     def __repr__(self) -> str:
@@ -377,6 +385,7 @@ class EmbeddingTable:
             if status == Status.OK:
                 return
             if status == Status.INDEX_FULL:
+                self._grow_loads.append(self.load_factor)
                 self._rebuild(self._index.buckets * 2)
                 continue
             raise TableFull(rows=len(self), max_rows=self._max_rows,

@@ -1,0 +1,152 @@
+"""The ``streamrec`` command.
+
+Owns: argument parsing and dispatch for every subcommand; each subcommand is a
+thin shell over a library call, so everything it does is also reachable from
+Python. It may import every package of ours.
+
+Subcommands:
+    bench NAME [--quick] [--json]   run ``benchmarks/NAME.py`` (``bench --list`` lists them)
+    config defaults                 print the configuration file format with every default
+
+Thread safety: a command-line entry point; runs once per process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import runpy
+import sys
+from pathlib import Path
+
+__all__ = ["main"]
+
+_DEFAULTS_TOML = """\
+# streamrec configuration: every field with its default.
+# A file may hold any subset; unknown fields are errors that name the field.
+
+[table]
+dim = 64                  # required: embedding elements per row
+dtype = "float32"         # "float32" or "float64"
+capacity = 1024           # keys the index is first sized for; it grows past this by doubling
+max_rows = 0              # row-arena reservation; 0 = 2**31 rows of address space (no memory until used)
+optimizer = "none"        # "none" (plain SGD), "adagrad" or "adam"
+huge_pages = true         # back the arena and index with 2 MiB transparent huge pages
+
+[table.adagrad]           # read when optimizer = "adagrad"
+eps = 1e-10               # PyTorch's default
+initial_accumulator = 0.0 # PyTorch's default (TensorFlow: 0.1)
+
+[table.adam]              # read when optimizer = "adam"
+beta1 = 0.9
+beta2 = 0.999
+eps = 1e-8
+
+[table.initializer]       # new rows are a pure function of (key, seed): replicas agree
+kind = "normal"           # zeros, constant, uniform, normal, truncated_normal
+mean = 0.0
+std = 0.01
+low = -0.01               # uniform
+high = 0.01               # uniform
+value = 0.0               # constant
+seed = 0
+"""
+
+
+def _benchmarks_dir() -> Path | None:
+    """``benchmarks/`` of the source checkout this package runs from, or of $STREAMREC_BENCHMARKS."""
+    env = os.environ.get("STREAMREC_BENCHMARKS")
+    if env:
+        return Path(env)
+    here = Path(__file__).resolve()
+    for parent in here.parents:
+        cand = parent / "benchmarks"
+        if cand.is_dir() and (cand / "_common.py").exists():
+            return cand
+    cand = Path.cwd() / "benchmarks"
+    return cand if cand.is_dir() else None
+
+
+def _bench(args: argparse.Namespace) -> int:
+    bdir = _benchmarks_dir()
+    if bdir is None:
+        print("streamrec bench: no benchmarks/ directory found; run from a source checkout "
+              "or set STREAMREC_BENCHMARKS", file=sys.stderr)
+        return 2
+    names = sorted(p.stem for p in bdir.glob("*.py") if not p.name.startswith("_"))
+    if args.list or not args.name:
+        print("\n".join(names))
+        return 0
+    if args.name not in names:
+        print(f"streamrec bench: unknown benchmark {args.name!r}; known: {', '.join(names)}",
+              file=sys.stderr)
+        return 2
+    argv = [str(bdir / f"{args.name}.py")]
+    argv += ["--quick"] if args.quick else []
+    argv += ["--json"] if args.json else []
+    argv += ["--rounds", str(args.rounds)] if args.rounds else []
+    old = sys.argv
+    sys.argv = argv
+    try:
+        runpy.run_path(argv[0], run_name="__main__")
+    finally:
+        sys.argv = old
+    return 0
+
+
+def _config(args: argparse.Namespace) -> int:
+    if args.what == "defaults":
+        sys.stdout.write(_DEFAULTS_TOML)
+        return 0
+    from streamrec.config import load_table_config
+    from streamrec.errors import ConfigError
+
+    try:
+        cfg = load_table_config(args.file)
+    except ConfigError as exc:
+        print(f"streamrec config check: {exc}", file=sys.stderr)
+        return 1
+    print(cfg)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="streamrec",
+        description="Real-time recommendation infrastructure: embedding store, parameter server, "
+        "streaming samples, long-sequence ranking, serving.",
+    )
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+
+    b = sub.add_parser("bench", help="run a benchmark from benchmarks/",
+                       description="Run benchmarks/NAME.py; every benchmark prints its baseline "
+                       "beside it (ratio first, absolute second).")
+    b.add_argument("name", nargs="?", help="benchmark name (see --list)")
+    b.add_argument("--list", action="store_true", help="list the benchmarks")
+    b.add_argument("--quick", action="store_true", help="smaller sizes, under 60 s")
+    b.add_argument("--json", action="store_true", help="print one JSON object as the last line")
+    b.add_argument("--rounds", type=int, default=0, help="timed rounds per figure")
+    b.set_defaults(func=_bench)
+
+    c = sub.add_parser("config", help="show the config file format or check a file",
+                       description="'defaults' prints every field with its default; "
+                       "'check FILE' validates a TOML file and prints what it configures.")
+    c.add_argument("what", choices=["defaults", "check"])
+    c.add_argument("file", nargs="?", help="TOML file, for 'check'")
+    c.set_defaults(func=_config)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 0
+    if args.command == "config" and args.what == "check" and not args.file:
+        parser.error("config check needs a FILE")
+    return int(args.func(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
