@@ -51,7 +51,7 @@ from _common import (
 
 from streamrec import EmbeddingTable
 from streamrec.store import _ops
-from streamrec.store._jit import kernel, prefetch2
+from streamrec.store._jit import kernel, prefetch2_nta
 
 DIM = 64
 BATCH = 4096

@@ -32,6 +32,14 @@ capacity = 1024           # keys the index is first sized for; it grows past thi
 max_rows = 0              # row-arena reservation; 0 = 2**31 rows of address space (no memory until used)
 optimizer = "none"        # "none" (plain SGD), "adagrad" or "adam"
 huge_pages = true         # back the arena and index with 2 MiB transparent huge pages
+ttl_s = 0                 # rows expire this long after their last write; 0 = never
+ttl_slice_s = 0           # expiry slice width; 0 = ttl_s / 16 (at least 1 s)
+max_live_rows = 0         # row limit; at the limit new keys evict by `eviction`; 0 = none
+eviction = "lru"          # "lru" or "lfu"
+eviction_sample = 8       # rows sampled per eviction (Redis-style approximation)
+lfu_decay_min = 1         # LFU counts halve every this many minutes (Redis's default)
+admit_after = 0           # rows only for keys seen this many times by find_or_insert; 0 = all
+admission_sketch_width = 1048576  # count-min sketch counters per row (4 rows of uint8)
 
 [table.adagrad]           # read when optimizer = "adagrad"
 eps = 1e-10               # PyTorch's default

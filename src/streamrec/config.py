@@ -77,12 +77,12 @@ class Adam:
     """Sparse Adam with per-row bias correction, equal to PyTorch's ``torch.optim.Adam``
     for a row updated at every step.
 
-    The row holds ``m`` and ``v`` (``dim`` each) and the running powers
-    ``beta1**t`` and ``beta2**t`` (one element each), so a row's bias correction
-    counts that row's own updates (as "lazy" sparse Adam does) and never needs a
-    global step. Storing the powers rather than ``t`` keeps every state element a
-    float, and a float32 power loses nothing that matters: it decays towards 0
-    and the correction ``1 - beta**t`` towards 1.
+    The row holds ``m`` and ``v`` (``dim`` each) and its own step count ``t``
+    (one element), so a row's bias correction counts that row's own updates (as
+    "lazy" sparse Adam does) and never needs a global step. ``t`` is an exact
+    integer in the row's float type up to 2**24 and stops there, where both
+    corrections already equal 1 in double precision; ``beta**t`` is computed in
+    float64 at each step (storing the powers in float32 drifted from PyTorch).
 
     Attributes:
         beta1, beta2, eps: as in PyTorch (defaults 0.9, 0.999, 1e-8).
@@ -169,6 +169,23 @@ class TableConfig:
         huge_pages: advise the kernel to back the arena and index with 2 MiB
             pages (default True). Measured on these machines: random-row gather
             at about 22 M rows/s with huge pages against 9-14 M without.
+        ttl_s: default time to live of a row in seconds, counted from its last
+            write (0 = rows never expire). A write may give its own TTL. An
+            expired row reads as absent at once and is reclaimed when its
+            expiry slice passes.
+        ttl_slice_s: width of an expiry slice in seconds (0 = ttl_s / 16, at
+            least 1): memory of expired rows is held at most this much longer.
+        max_live_rows: row limit (0 = none). At the limit a new key evicts a row
+            by ``eviction``; inserts never fail for lack of room.
+        eviction: ``"lru"`` (last access) or ``"lfu"`` (access count, halved
+            every ``lfu_decay_min`` minutes, as Redis's LFU decays).
+        eviction_sample: rows sampled per eviction; the lowest score goes
+            (Redis's default sample of 5 tracks true LRU closely; 8 is closer).
+        lfu_decay_min: LFU counts halve every this many minutes (default 1, Redis's).
+        admit_after: a key gets a row only after ``find_or_insert`` has seen it
+            this many times (0 = at once); a count-min sketch of
+            ``admission_sketch_width`` x 4 bytes counts sightings (Monolith's filter).
+        admission_sketch_width: counters per sketch row, a power of two.
     """
 
     dim: int
@@ -178,6 +195,14 @@ class TableConfig:
     optimizer: Optimizer | None = None
     initializer: Initializer = field(default_factory=Initializer)
     huge_pages: bool = True
+    ttl_s: int = 0
+    ttl_slice_s: int = 0
+    max_live_rows: int = 0
+    eviction: Literal["lru", "lfu"] = "lru"
+    eviction_sample: int = 8
+    lfu_decay_min: int = 1
+    admit_after: int = 0
+    admission_sketch_width: int = 1 << 20
 
     def __post_init__(self) -> None:
         if not (isinstance(self.dim, int) and not isinstance(self.dim, bool) and self.dim >= 1):
@@ -194,6 +219,21 @@ class TableConfig:
             raise ConfigError(
                 f"must be 0 (automatic) or an int below 2**32, got {self.max_rows!r}",
                 field="table.max_rows",
+            )
+        for name, lo, hi in (("ttl_s", 0, 2**31), ("ttl_slice_s", 0, 2**31), ("max_live_rows", 0, 2**32),
+                             ("eviction_sample", 1, 1025), ("lfu_decay_min", 0, 2**16),
+                             ("admit_after", 0, 256), ("admission_sketch_width", 1, 2**31)):
+            v = getattr(self, name)
+            if not (isinstance(v, int) and not isinstance(v, bool) and lo <= v < hi):
+                raise ConfigError(f"must be an int in [{lo}, {hi}), got {v!r}", field=f"table.{name}")
+        w = self.admission_sketch_width
+        if w & (w - 1):
+            raise ConfigError(f"must be a power of two, got {w}", field="table.admission_sketch_width")
+        if self.eviction not in ("lru", "lfu"):
+            raise ConfigError(f"must be 'lru' or 'lfu', got {self.eviction!r}", field="table.eviction")
+        if not isinstance(self.initializer, Initializer):
+            raise ConfigError(
+                f"must be an Initializer, got {type(self.initializer).__name__}", field="table.initializer"
             )
         if self.optimizer is not None and not isinstance(self.optimizer, (Adagrad, Adam)):
             raise ConfigError(

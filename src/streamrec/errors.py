@@ -9,7 +9,10 @@ The tree::
     ├── ConfigError(ValueError)     a config value or file is wrong; names the field
     └── StoreError                  a table or store cannot do what was asked
         ├── TableFull               no row or index room left; carries the counts
-        └── TableBusy               a bucket stayed locked past the reader's patience
+        ├── TableBusy               a bucket stayed locked past the reader's patience
+        └── SnapshotError           a table's files cannot be written or trusted
+            └── CorruptFile         a file is torn, truncated or fails its checksum;
+                                    names the file and the problem
 
 Input checks at public entry points raise the builtin ``TypeError`` or
 ``ValueError`` (what callers expect from a numpy-style API); the message says
@@ -23,6 +26,8 @@ from __future__ import annotations
 
 __all__ = [
     "ConfigError",
+    "CorruptFile",
+    "SnapshotError",
     "StoreError",
     "StreamrecError",
     "TableBusy",
@@ -91,3 +96,30 @@ class TableBusy(StoreError):
             "mid-update"
         )
         self.waited_s = waited_s
+
+
+class SnapshotError(StoreError):
+    """A table's files or snapshot cannot be written, found or trusted.
+
+    Attributes:
+        path: the file or directory concerned.
+    """
+
+    def __init__(self, message: str, *, path: str = "") -> None:
+        super().__init__(f"{path}: {message}" if path else message)
+        self.path = path
+
+
+class CorruptFile(SnapshotError):
+    """A file is torn, truncated, of an unknown format, or fails a checksum.
+
+    Nothing of it was loaded: callers refuse the whole snapshot.
+
+    Attributes:
+        path: the file.
+        problem: what is wrong, in words ("chunk 3 checksum mismatch", ...).
+    """
+
+    def __init__(self, *, path: str, problem: str) -> None:
+        super().__init__(f"corrupt file: {problem}", path=path)
+        self.problem = problem

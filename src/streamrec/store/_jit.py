@@ -19,6 +19,8 @@ Thread safety: stateless.
 
 from __future__ import annotations
 
+import hashlib
+from pathlib import Path
 from typing import Any
 
 from llvmlite import ir
@@ -27,6 +29,37 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 __all__ = ["barrier", "ctz", "inline", "kernel", "load_acquire", "prefetch", "prefetch2", "prefetch2_nta"]
+
+def _drop_stale_cache() -> None:
+    """Delete this package's cached kernels when any kernel source changed.
+
+    Numba keys a cached kernel on its own file's timestamp only, so editing an
+    inlined helper in another module (``_index``, ``_rows``...) would leave
+    callers running the old helper. A stamp of all the store's sources fixes it.
+    """
+    here = Path(__file__).resolve().parent
+    digest = hashlib.sha256()
+    for src in sorted(here.glob("*.py")):
+        digest.update(src.name.encode())
+        digest.update(src.read_bytes())
+    cache = here / "__pycache__"
+    stamp = cache / "streamrec-kernels.stamp"
+    want = digest.hexdigest()
+    try:
+        if stamp.read_text() == want:
+            return
+    except OSError:
+        pass
+    try:
+        cache.mkdir(exist_ok=True)
+        for f in list(cache.glob("*.nbi")) + list(cache.glob("*.nbc")):
+            f.unlink(missing_ok=True)
+        stamp.write_text(want)
+    except OSError:  # a read-only install: numba then cannot cache either
+        pass
+
+
+_drop_stale_cache()
 
 _SETTINGS: dict[str, Any] = {
     "nogil": True,

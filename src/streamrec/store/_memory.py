@@ -63,6 +63,17 @@ class Region:
         self.nbytes = want
         self.huge_pages = huge_pages
 
+    def release(self, start: int, stop: int) -> None:
+        """Give the pages wholly inside bytes [start, stop) back to the system.
+
+        They read as zeros afterwards and cost nothing until written again.
+        Readers may still hold views there: they read zeros, never unmapped memory.
+        """
+        lo = _round_up(max(start, 0), _HUGE)
+        hi = min(stop, self.nbytes) // _HUGE * _HUGE
+        if hi > lo:
+            self._mm.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
+
     def array(self, dtype: np.dtype | type, shape: tuple[int, ...], offset: int = 0) -> np.ndarray:
         """A view of the region's bytes as an array (C order), sharing memory."""
         dt = np.dtype(dtype)

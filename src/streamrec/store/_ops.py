@@ -1,8 +1,9 @@
-"""Batch kernels of the embedding table: lookups, writes, gradients, export, rebuild.
+"""Read kernels of the embedding table, and the status codes and counters all kernels share.
 
-Owns: the kernels ``table.py`` calls, one per batch operation. Inputs are
-checked by the caller (``Requires:`` lines say what); kernels return a
-``Status`` code and the position they stopped at, never raise.
+Owns: ``find_batch`` (lookups and membership) and its single-key retry path,
+``Status``, the table counters' layout and the write modes. Writer kernels are
+in ``_write``. Inputs are checked by the caller (``Requires:`` lines say what);
+kernels return a ``Status`` code, never raise.
 
 Lookups run in groups of ``GROUP`` keys and three passes per group, so the
 memory accesses of a group overlap instead of following one another: (A) hash
@@ -23,19 +24,14 @@ from enum import IntEnum
 
 import numpy as np
 
+from streamrec.store._evict import CTX_DECAY_MIN, CTX_EXPIRE_W, CTX_NOW, CTX_POLICY, expired, touch
 from streamrec.store._index import (
     ROW0,
     VER,
     alt_bucket,
     hash_key,
-    locate,
-    lock,
-    make_room,
     match,
-    publish,
     tag_of,
-    unlock,
-    unpublish,
 )
 from streamrec.store._jit import (
     barrier,
@@ -45,7 +41,6 @@ from streamrec.store._jit import (
     prefetch,
     prefetch2_nta,
 )
-from streamrec.store._rows import STAMP, apply_update, init_state, init_values
 
 __all__ = [
     "AHEAD",
@@ -60,11 +55,7 @@ __all__ = [
     "MODE_INSERT_OR_ASSIGN",
     "PROBE_AHEAD",
     "Status",
-    "apply_gradients_batch",
-    "export_rows",
     "find_batch",
-    "rebuild_index",
-    "write_batch",
 ]
 
 
@@ -104,10 +95,11 @@ _ZERO = np.uint64(0)
 def _find_one(
     idx64: np.ndarray, idx32: np.ndarray, retired: np.ndarray, arena64: np.ndarray,
     arenav: np.ndarray, voff: int, key: int, b1: int, b2: int,
-    tag: int, out: np.ndarray, found: np.ndarray, i: int, copy: bool,
+    tag: int, out: np.ndarray, found: np.ndarray, i: int, copy: bool, ctx: np.ndarray,
 ) -> int:
     """One key under the seqlock, retried until stable. Sets found[i], out[i]."""
     dim = out.shape[1]
+    arena32 = arena64.view(np.uint32)
     for _ in range(_SPIN):
         v1 = idx32[b1, VER]
         v2 = idx32[b2, VER]
@@ -132,6 +124,8 @@ def _find_one(
                     row = r
                     break
                 m &= m - _ONE
+        if row >= 0 and expired(arena32, row, ctx[CTX_EXPIRE_W], ctx[CTX_NOW]):
+            row = -1
         if copy:
             if row >= 0:
                 src = arenav[row, voff:]  # a slice: numba skips the wraparound test, the copy vectorises
@@ -145,6 +139,8 @@ def _find_one(
             if retired[0] != 0:
                 return _STALE
             found[i] = row >= 0
+            if row >= 0 and copy:
+                touch(arena32, row, ctx[CTX_POLICY], ctx[CTX_NOW], ctx[CTX_DECAY_MIN])
             return _OK
         if retired[0] != 0:
             return _STALE
@@ -155,7 +151,7 @@ def _find_one(
 def find_batch(
     idx64: np.ndarray, idx32: np.ndarray, retired: np.ndarray, arena64: np.ndarray,
     arenav: np.ndarray, voff: int, keys: np.ndarray, out: np.ndarray,
-    found: np.ndarray, copy: bool,
+    found: np.ndarray, copy: bool, ctx: np.ndarray,
 ) -> int:
     """Look up ``keys``; copy embeddings of present keys into ``out`` (zeros if absent).
 
@@ -173,12 +169,19 @@ def find_batch(
     order runs about 1.2x probing both buckets at once, and 1.3x a fused loop
     that probes ahead while it copies.
 
+    A row whose TTL has passed reads as absent. With ``copy`` (a real read, not
+    a membership test) each row found is marked accessed for the eviction policy.
+
     Requires: keys uint64 (B,); out (B, D) of the arena's dtype (any (0, D)
-    array when ``copy`` is False); found bool (B,).
+    array when ``copy`` is False); found bool (B,); ctx as in ``_evict``.
 
     Returns a Status: OK, or STALE (retry all on the current index), or BUSY.
     """
     n = keys.shape[0]
+    arena32 = arena64.view(np.uint32)
+    now = ctx[CTX_NOW]
+    exp_w = ctx[CTX_EXPIRE_W]
+    policy = ctx[CTX_POLICY] if copy else 0
     dim = out.shape[1]
     mask = np.uint64(idx64.shape[0] - 1)
     row_lines = ((voff + dim) * arenav.itemsize + _LINE_BYTES - 1) // _LINE_BYTES
@@ -249,6 +252,8 @@ def find_batch(
             key = keys[i]
             cand = cands[j]
             ok = False
+            if cand >= 0 and exp_w != 0 and expired(arena32, cand, exp_w, now):
+                cand = -3  # expired: the slow path decides under a stable read
             if cand >= 0:
                 if arena64[cand, 0] == key:
                     if copy:
@@ -265,260 +270,19 @@ def find_batch(
                 ok = True
             barrier()
             if ok and retired[0] == 0:
+                stable = False
                 if which[j] == 1:
-                    if idx32[b1s[j], VER] == v1s[j]:
-                        continue
+                    stable = idx32[b1s[j], VER] == v1s[j]
                 elif cand >= 0:
-                    if idx32[b2s[j], VER] == v2s[j]:
-                        continue
-                elif idx32[b1s[j], VER] == v1s[j] and idx32[b2s[j], VER] == v2s[j]:
+                    stable = idx32[b2s[j], VER] == v2s[j]
+                else:
+                    stable = idx32[b1s[j], VER] == v1s[j] and idx32[b2s[j], VER] == v2s[j]
+                if stable:
+                    if policy != 0 and cand >= 0:
+                        touch(arena32, cand, policy, now, ctx[CTX_DECAY_MIN])
                     continue
             st = _find_one(idx64, idx32, retired, arena64, arenav, voff, key,
-                           b1s[j], b2s[j], tags[j], out, found, i, copy)
+                           b1s[j], b2s[j], tags[j], out, found, i, copy, ctx)
             if st != _OK:
                 return st
-    return _OK
-
-
-@kernel
-def write_batch(
-    idx64: np.ndarray, idx32: np.ndarray, idx8: np.ndarray, arena64: np.ndarray,
-    arena32: np.ndarray, arenav: np.ndarray, cnt: np.ndarray, free: np.ndarray,
-    voff: int, dim: int, keys: np.ndarray, start: int, mode: int,
-    vals: np.ndarray, out: np.ndarray, flags: np.ndarray,
-    init_kind: int, init_a: float, init_b: float, init_seed: int,
-    opt: int, hp: np.ndarray, nodes: np.ndarray,
-) -> tuple[int, int]:
-    """Writer only. Apply one write ``mode`` to keys[start:], in order.
-
-    Modes and what ``flags[i]`` records:
-      FIND_OR_INSERT: copy the (possibly new) row's embedding to out[i]; flags = inserted.
-      INSERT_OR_ASSIGN: write vals[i] (width W: the embedding, or embedding and
-        optimizer state when W > D); new rows get fresh optimizer state; flags = inserted.
-      ASSIGN: like INSERT_OR_ASSIGN but absent keys are skipped; flags = found.
-      ERASE: remove; flags = found.
-    A key repeated in the batch sees the effect of its earlier occurrences.
-
-    Requires: keys uint64 (B,); vals (B, W) of the arena dtype for the assigning
-    modes; out (B, D) for FIND_OR_INSERT; flags bool (B,); nodes int64
-    (MAX_BFS_NODES, 3).
-
-    Returns ``(status, position)``: OK with B, or INDEX_FULL/ARENA_FULL with the
-    position of the first key not done (nothing of it was written).
-    """
-    n = keys.shape[0]
-    mask = np.uint64(idx64.shape[0] - 1)
-    max_rows = arena64.shape[0]
-    width = vals.shape[1]
-    b1s = np.empty(GROUP, np.int64)
-    b2s = np.empty(GROUP, np.int64)
-    tags = np.empty(GROUP, np.uint64)
-    for base in range(start, n, GROUP):
-        g = min(GROUP, n - base)
-        for j in range(g):
-            h = hash_key(keys[base + j])
-            t = tag_of(h)
-            b1 = np.int64(h & mask)
-            b2 = alt_bucket(b1, t, mask)
-            b1s[j] = b1
-            b2s[j] = b2
-            tags[j] = t
-            prefetch(idx64, b1)
-            prefetch(idx64, b2)
-        for j in range(g):
-            i = base + j
-            key = keys[i]
-            b, s, r = locate(idx64, idx32, arena64, key, b1s[j], b2s[j], tags[j])
-            if r >= 0:
-                flags[i] = mode >= MODE_ASSIGN
-                if mode == MODE_FIND_OR_INSERT:
-                    src = arenav[r, voff:]
-                    for d in range(dim):
-                        out[i, d] = src[d]
-                elif mode == MODE_ERASE:
-                    unpublish(idx32, idx8, b, s)
-                    arena32[r, STAMP] &= ~np.uint32(1)
-                    free[cnt[CNT_FREE]] = np.uint32(r)
-                    cnt[CNT_FREE] += 1
-                    cnt[CNT_LIVE] -= 1
-                else:
-                    lock(idx32, b)
-                    dst = arenav[r, voff:]
-                    for d in range(width):
-                        dst[d] = vals[i, d]
-                    arena32[r, STAMP] += np.uint32(2)
-                    unlock(idx32, b)
-                continue
-            flags[i] = False
-            if mode >= MODE_ASSIGN:
-                continue
-            b, s = make_room(idx64, idx32, idx8, b1s[j], b2s[j], mask, nodes)
-            if b < 0:
-                return _INDEX_FULL, i
-            if cnt[CNT_FREE] > 0:
-                cnt[CNT_FREE] -= 1
-                r = np.int64(free[cnt[CNT_FREE]])
-            elif cnt[CNT_HIGH] < max_rows:
-                r = cnt[CNT_HIGH]
-                cnt[CNT_HIGH] += 1
-            else:
-                return _ARENA_FULL, i
-            # The row is unreachable until published, so it is filled without a lock.
-            arena64[r, 0] = key
-            arena32[r, STAMP] = (arena32[r, STAMP] | np.uint32(1)) + np.uint32(2)
-            arena32[r, STAMP + 1] = np.uint32(0)
-            if mode == MODE_FIND_OR_INSERT:
-                init_values(arenav, r, voff, dim, key, init_kind, init_a, init_b, init_seed)
-                src = arenav[r, voff:]
-                for d in range(dim):
-                    out[i, d] = src[d]
-            else:
-                dst = arenav[r, voff:]
-                for d in range(width):
-                    dst[d] = vals[i, d]
-            if width <= dim:
-                init_state(arenav, r, voff + dim, dim, opt, hp)
-            publish(idx32, idx8, b, s, tags[j], r)
-            cnt[CNT_LIVE] += 1
-            flags[i] = True
-    return _OK, n
-
-
-@kernel
-def apply_gradients_batch(
-    idx64: np.ndarray, idx32: np.ndarray, arena64: np.ndarray, arena32: np.ndarray,
-    arenav: np.ndarray, voff: int, keys: np.ndarray, grads: np.ndarray, lr: float,
-    opt: int, hp: np.ndarray, found: np.ndarray,
-) -> int:
-    """Writer only. One optimizer step per distinct present key, duplicates summed.
-
-    Duplicates are grouped in O(B) with a small open-addressing map from row to
-    the key's first position and a chain through the later positions, so the
-    summed gradient is built once per row without sorting. Absent keys are
-    skipped (found[i] = False).
-
-    Requires: keys uint64 (B,); grads (B, D) float32/float64; found bool (B,).
-    Returns the number of rows updated.
-    """
-    n = keys.shape[0]
-    dim = grads.shape[1]
-    mask = np.uint64(idx64.shape[0] - 1)
-    rows = np.empty(n, np.int64)
-    bks = np.empty(n, np.int64)
-    for base in range(0, n, GROUP):
-        g = min(GROUP, n - base)
-        for j in range(g):
-            h = hash_key(keys[base + j])
-            prefetch(idx64, np.int64(h & mask))
-        for j in range(g):
-            i = base + j
-            h = hash_key(keys[i])
-            t = tag_of(h)
-            b1 = np.int64(h & mask)
-            b, _, r = locate(idx64, idx32, arena64, keys[i], b1, alt_bucket(b1, t, mask), t)
-            rows[i] = r
-            bks[i] = b
-            found[i] = r >= 0
-    size = 1
-    while size < 2 * n:
-        size *= 2
-    slots = np.full(size, -1, np.int64)
-    nxt = np.full(n, -1, np.int64)
-    last = np.empty(n, np.int64)
-    lead = np.zeros(n, np.bool_)
-    smask = np.uint64(size - 1)
-    for i in range(n):
-        r = rows[i]
-        if r < 0:
-            continue
-        p = np.int64(hash_key(np.uint64(r)) & smask)
-        while True:
-            f = slots[p]
-            if f < 0:
-                slots[p] = i
-                lead[i] = True
-                last[i] = i
-                break
-            if rows[f] == r:
-                nxt[last[f]] = i
-                last[f] = i
-                break
-            p = (p + 1) & np.int64(smask)
-    gsum = np.empty(dim, np.float64)
-    updated = 0
-    for i in range(n):
-        if not lead[i]:
-            continue
-        for d in range(dim):
-            gsum[d] = grads[i, d]
-        k = nxt[i]
-        while k >= 0:
-            for d in range(dim):
-                gsum[d] += grads[k, d]
-            k = nxt[k]
-        r = rows[i]
-        lock(idx32, bks[i])
-        apply_update(arenav, r, voff, dim, gsum, lr, opt, hp)
-        arena32[r, STAMP] += np.uint32(2)
-        unlock(idx32, bks[i])
-        updated += 1
-    return updated
-
-
-@kernel
-def export_rows(
-    arena64: np.ndarray, arena32: np.ndarray, arenav: np.ndarray, voff: int,
-    lo: int, hi: int, keys_out: np.ndarray, vals_out: np.ndarray,
-) -> int:
-    """Writer only. Copy live rows lo <= r < hi: keys, then W elements from the embedding on.
-
-    Requires: keys_out uint64 (hi-lo,); vals_out (hi-lo, W). Returns rows copied.
-    """
-    width = vals_out.shape[1]
-    c = 0
-    for r in range(lo, hi):
-        if arena32[r, STAMP] & np.uint32(1):
-            keys_out[c] = arena64[r, 0]
-            src = arenav[r, voff:]
-            for d in range(width):
-                vals_out[c, d] = src[d]
-            c += 1
-    return c
-
-
-@kernel
-def rebuild_index(
-    idx64: np.ndarray, idx32: np.ndarray, idx8: np.ndarray, arena64: np.ndarray,
-    arena32: np.ndarray, high: int, nodes: np.ndarray,
-) -> int:
-    """Writer only. Insert every live row below ``high`` into an empty index.
-
-    Rows are read in arena order (sequential, prefetch-friendly) rather than by
-    walking the old index, in groups: hash a group and prefetch its buckets,
-    then place it. Returns OK, or INDEX_FULL if this size cannot hold them.
-    """
-    mask = np.uint64(idx64.shape[0] - 1)
-    rows = np.empty(GROUP, np.int64)
-    b1s = np.empty(GROUP, np.int64)
-    tags = np.empty(GROUP, np.uint64)
-    for base in range(0, high, GROUP):
-        g = 0
-        for r in range(base, min(base + GROUP, high)):
-            if not (arena32[r, STAMP] & np.uint32(1)):
-                continue
-            h = hash_key(arena64[r, 0])
-            t = tag_of(h)
-            b1 = np.int64(h & mask)
-            rows[g] = r
-            b1s[g] = b1
-            tags[g] = t
-            prefetch(idx64, b1)
-            g += 1
-        for j in range(g):
-            b1 = b1s[j]
-            t = tags[j]
-            b, s = make_room(idx64, idx32, idx8, b1, alt_bucket(b1, t, mask), mask, nodes)
-            if b < 0:
-                return _INDEX_FULL
-            publish(idx32, idx8, b, s, t, rows[j])
     return _OK

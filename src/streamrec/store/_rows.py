@@ -11,13 +11,17 @@ and a row number)::
     bytes 8..11   stamp (uint32): bit 0 = live, bits 1.. = the row's version,
                   incremented on every write to the row (replicas and exports
                   read it; it is not the reader's seqlock, the bucket is)
-    bytes 12..15  meta (uint32): access clock and frequency, for eviction
+    bytes 12..15  meta (uint32), for eviction: LRU = last access (seconds on the
+                  table's clock); LFU = count (high 16 bits, halved every decay
+                  period) and the minute it was last decayed (low 16 bits)
+    [16..23]      only in tables with a TTL: expiry (uint32 seconds on the
+                  table's clock, 0 = never), then 4 bytes of padding
     then          D embedding elements, then the optimizer state
                   (Adagrad: D accumulators; Adam: D first moments, D second
-                  moments, beta1**t, beta2**t), padded to 8 bytes
+                  moments, the row's step count t), padded to 8 bytes
 
-The header is 16 bytes, so at D=64 float32 a row is 272 bytes for 264 bytes of
-key and value (3 % overhead).
+The header is 16 bytes (24 with a TTL), so at D=64 float32 a row is 272 bytes
+for 264 bytes of key and value (3 % overhead).
 
 Thread safety: kernels here write rows; the caller holds the writer lock and,
 for a row readers can reach, the seqlock of the bucket that points to it.
@@ -35,12 +39,14 @@ from streamrec.store._index import hash_key
 from streamrec.store._jit import inline
 
 __all__ = [
+    "EXPIRE",
     "HEADER_BYTES",
     "META",
     "OPT_ADAGRAD",
     "OPT_ADAM",
     "OPT_SGD",
     "STAMP",
+    "TTL_HEADER_BYTES",
     "RowLayout",
     "apply_update",
     "init_params",
@@ -50,8 +56,10 @@ __all__ = [
 ]
 
 HEADER_BYTES = 16
+TTL_HEADER_BYTES = 24
 STAMP = 2  # uint32 word
 META = 3  # uint32 word
+EXPIRE = 4  # uint32 word, in tables with a TTL
 
 OPT_SGD, OPT_ADAGRAD, OPT_ADAM = 0, 1, 2
 _INIT_CODES = {"zeros": 0, "constant": 1, "uniform": 2, "normal": 3, "truncated_normal": 4}
@@ -65,8 +73,9 @@ class RowLayout:
         dim: embedding elements D.
         dtype: value dtype (float32 or float64).
         state_width: optimizer state elements per row.
-        voff: offset of the embedding (after the 16-byte header).
+        voff: offset of the embedding (after the 16- or 24-byte header).
         row_bytes: bytes per row (a multiple of 8).
+        expire_word: uint32 word of the expiry, or 0 in a table without TTL.
     """
 
     dim: int
@@ -74,18 +83,20 @@ class RowLayout:
     state_width: int
     voff: int
     row_bytes: int
+    expire_word: int = 0
 
     @staticmethod
-    def build(dim: int, dtype: np.dtype, optimizer: Optimizer | None) -> RowLayout:
+    def build(dim: int, dtype: np.dtype, optimizer: Optimizer | None, ttl: bool = False) -> RowLayout:
         item = dtype.itemsize
+        header = TTL_HEADER_BYTES if ttl else HEADER_BYTES
         if optimizer is None:
             state = 0
         elif isinstance(optimizer, Adagrad):
             state = dim
         else:
-            state = 2 * dim + 2
-        raw = HEADER_BYTES + (dim + state) * item
-        return RowLayout(dim, dtype, state, HEADER_BYTES // item, (raw + 7) // 8 * 8)
+            state = 2 * dim + 1
+        raw = header + (dim + state) * item
+        return RowLayout(dim, dtype, state, header // item, (raw + 7) // 8 * 8, EXPIRE if ttl else 0)
 
     @property
     def row_elems(self) -> int:
@@ -117,6 +128,7 @@ def optimizer_params(opt: Optimizer | None) -> tuple[int, np.ndarray]:
     return OPT_ADAM, hp
 
 
+_ADAM_T_MAX = float(2**24)
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 _SEED_MIX = np.uint64(0xD1B54A32D192ED03)
 _S11 = np.uint64(11)
@@ -141,12 +153,10 @@ def _normal(state: int) -> tuple[int, float]:
 
 @inline
 def init_values(
-    arenav: np.ndarray, r: int, voff: int, dim: int, key: int,
-    kind: int, a: float, b: float, seed: int,
+    dst: np.ndarray, dim: int, key: int, kind: int, a: float, b: float, seed: int,
 ) -> None:
-    """Fill row r's embedding from the initializer, a pure function of (key, seed)."""
+    """Fill dst[:dim] from the initializer, a pure function of (key, seed)."""
     state = hash_key(key ^ (seed * _SEED_MIX))
-    w = arenav[r, voff:]  # row slices keep numba's wraparound test out of the loops
     for d in range(dim):
         if kind == 0:
             x = 0.0
@@ -163,7 +173,7 @@ def init_values(
             while abs(z) > 2.0:
                 state, z = _normal(state)
             x = a + b * z
-        w[d] = x
+        dst[d] = x
 
 
 @inline
@@ -176,10 +186,8 @@ def init_state(
         for d in range(dim):
             st[d] = hp[3]
     elif opt == OPT_ADAM:
-        for d in range(2 * dim):
+        for d in range(2 * dim + 1):
             st[d] = 0.0
-        st[2 * dim] = 1.0
-        st[2 * dim + 1] = 1.0
 
 
 @inline
@@ -204,12 +212,12 @@ def apply_update(
             w[d] = w[d] - lr * g[d] / (math.sqrt(acc) + eps)
     else:
         eps, beta1, beta2 = hp[0], hp[1], hp[2]
-        p1 = st[2 * dim] * beta1
-        p2 = st[2 * dim + 1] * beta2
-        st[2 * dim] = p1
-        st[2 * dim + 1] = p2
-        step = lr / (1.0 - p1)
-        sqrt_bc2 = math.sqrt(1.0 - p2)
+        # t is stored exactly (float32 holds integers to 2**24); past that both
+        # corrections are 1 to double precision, so t stops counting there.
+        t = min(st[2 * dim] + 1.0, _ADAM_T_MAX)
+        st[2 * dim] = t
+        step = lr / (1.0 - beta1**t)
+        sqrt_bc2 = math.sqrt(1.0 - beta2**t)
         for d in range(dim):
             m = beta1 * st[d] + (1.0 - beta1) * g[d]
             v = beta2 * st[dim + d] + (1.0 - beta2) * g[d] * g[d]

@@ -25,8 +25,26 @@ from typing import Any
 import numpy as np
 
 from streamrec.config import Adagrad, Adam, Initializer, Optimizer, TableConfig
-from streamrec.errors import TableBusy, TableFull
+from streamrec.errors import ConfigError, TableBusy, TableFull
 from streamrec.store._checks import as_keys, as_matrix, as_out
+from streamrec.store._evict import (
+    CTX_ADMIT,
+    CTX_DECAY_MIN,
+    CTX_EVICTED,
+    CTX_EXPIRE_W,
+    CTX_MAX_LIVE,
+    CTX_NOW,
+    CTX_POLICY,
+    CTX_REFRESH,
+    CTX_REFUSED,
+    CTX_RNG,
+    CTX_SAMPLE,
+    CTX_SIZE,
+    POLICY_LFU,
+    POLICY_LRU,
+    POLICY_NONE,
+)
+from streamrec.store._expiry import ExpiryWheel
 from streamrec.store._index import BUCKET_BYTES, MAX_BFS_NODES, SLOTS
 from streamrec.store._memory import Region
 from streamrec.store._ops import (
@@ -38,22 +56,29 @@ from streamrec.store._ops import (
     MODE_FIND_OR_INSERT,
     MODE_INSERT_OR_ASSIGN,
     Status,
-    apply_gradients_batch,
-    export_rows,
     find_batch,
-    rebuild_index,
-    write_batch,
 )
 from streamrec.store._rows import RowLayout, init_params, optimizer_params
+from streamrec.store._write import (
+    apply_gradients_batch,
+    compact_step,
+    export_rows,
+    rebuild_index,
+    reclaim_keys,
+    write_batch,
+)
 
 __all__ = ["EmbeddingTable", "TableStats"]
 
 InitFn = Callable[[np.ndarray], np.ndarray]
+EvictFn = Callable[[np.ndarray, np.ndarray, str], None]
+Clock = Callable[[], float]
 
 _DEFAULT_MAX_ROWS = 1 << 31  # address space only; see TableConfig.max_rows
 _MAX_ROWS_LIMIT = (1 << 32) - 1  # row numbers are uint32 in the bucket
 _RESERVE_LOAD = 0.9  # reserve()/capacity size the index for this load
 _BUSY_PATIENCE_S = 2.0
+_COMPACT_STEP = 65536  # rows moved per writer-lock hold while compacting
 
 
 @dataclass(frozen=True)
@@ -62,7 +87,9 @@ class TableStats:
 
     ``grow_load_factors`` lists, for each growth forced by a full index, the
     load factor at which displacement first failed (growths by ``reserve`` are
-    not in it).
+    not in it). ``wasted_fraction`` is the share of the arena's used rows (up to
+    its high-water mark) that are holes; ``compact()`` brings it to 0.
+    ``evicted``, ``expired`` and ``not_admitted`` count keys since creation.
     """
 
     rows: int
@@ -75,6 +102,10 @@ class TableStats:
     memory_bytes: int
     index_grows: int
     grow_load_factors: tuple[float, ...]
+    wasted_fraction: float
+    evicted: int
+    expired: int
+    not_admitted: int
 
 
 class _Index:
@@ -133,32 +164,50 @@ class EmbeddingTable:
         *,
         max_rows: int = 0,
         huge_pages: bool = True,
+        ttl_s: int = 0,
+        max_live_rows: int = 0,
+        eviction: str = "lru",
+        admit_after: int = 0,
+        clock: Clock | None = None,
+        on_evict: EvictFn | None = None,
+        **more: Any,
     ) -> None:
         init_fn: InitFn | None = None
         if callable(initializer) and not isinstance(initializer, Initializer):
             init_fn, initializer = initializer, Initializer(kind="zeros")
+        try:
+            dtype_name = np.dtype(dtype).name
+        except TypeError:
+            raise ConfigError(f"must be 'float32' or 'float64', got {dtype!r}", field="table.dtype") from None
         cfg = TableConfig(
             dim=dim,
-            dtype=np.dtype(dtype).name,  # type: ignore[arg-type]
+            dtype=dtype_name,  # type: ignore[arg-type]
             capacity=capacity,
             max_rows=max_rows,
             optimizer=_optimizer(optimizer),
             initializer=initializer if initializer is not None else Initializer(),
             huge_pages=huge_pages,
+            ttl_s=ttl_s,
+            max_live_rows=max_live_rows,
+            eviction=eviction,  # type: ignore[arg-type]
+            admit_after=admit_after,
+            **more,
         )
-        self._setup(cfg, init_fn)
+        self._setup(cfg, init_fn, clock, on_evict)
 
     @classmethod
-    def from_config(cls, config: TableConfig, initializer_fn: InitFn | None = None) -> EmbeddingTable:
+    def from_config(cls, config: TableConfig, initializer_fn: InitFn | None = None, *,
+                    clock: Clock | None = None, on_evict: EvictFn | None = None) -> EmbeddingTable:
         """A table built from a ``TableConfig`` (for example one read from TOML)."""
         self = cls.__new__(cls)
-        self._setup(config, initializer_fn)
+        self._setup(config, initializer_fn, clock, on_evict)
         return self
 
-    def _setup(self, cfg: TableConfig, init_fn: InitFn | None) -> None:
+    def _setup(self, cfg: TableConfig, init_fn: InitFn | None, clock: Clock | None,
+               on_evict: EvictFn | None) -> None:
         self.config = cfg
         self._init_fn = init_fn
-        self._layout = RowLayout.build(cfg.dim, np.dtype(cfg.dtype), cfg.optimizer)
+        self._layout = RowLayout.build(cfg.dim, np.dtype(cfg.dtype), cfg.optimizer, ttl=cfg.ttl_s > 0)
         lay = self._layout
         want = cfg.max_rows or _DEFAULT_MAX_ROWS
         self._arena = Region(
@@ -179,6 +228,35 @@ class EmbeddingTable:
         self._grows = 0
         self._grow_loads: list[float] = []
         self._no_vals = np.empty((0, lay.dim), dtype=lay.dtype)
+        # lifecycle
+        self._clock: Clock = clock or time.time
+        self._epoch = int(self._clock())
+        self._on_evict = on_evict
+        self._evicted = 0
+        self._expired = 0
+        self._not_admitted = 0
+        self._wheel = ExpiryWheel(cfg.ttl_slice_s or max(1, cfg.ttl_s // 16)) if cfg.ttl_s else None
+        self._sketch = np.zeros((4, cfg.admission_sketch_width if cfg.admit_after else 1), np.uint8)
+        self._sightings = 0
+        ctx = np.zeros(CTX_SIZE, dtype=np.int64)
+        ctx[CTX_EXPIRE_W] = lay.expire_word
+        ctx[CTX_MAX_LIVE] = cfg.max_live_rows
+        policy = POLICY_LFU if cfg.eviction == "lfu" else POLICY_LRU
+        ctx[CTX_POLICY] = policy if cfg.max_live_rows else POLICY_NONE
+        ctx[CTX_ADMIT] = cfg.admit_after
+        ctx[CTX_DECAY_MIN] = cfg.lfu_decay_min
+        ctx[CTX_SAMPLE] = cfg.eviction_sample
+        ctx[CTX_RNG] = 0x2545F4914F6CDD1D
+        self._ctx_template = ctx
+
+    def _now(self) -> int:
+        """Seconds on the table's clock since the table's epoch (uint32 range)."""
+        return min(max(int(self._clock()) - self._epoch, 0), 2**32 - 1)
+
+    def _ctx(self) -> np.ndarray:
+        ctx = self._ctx_template.copy()
+        ctx[CTX_NOW] = self._now()
+        return ctx
 
     # -- properties -------------------------------------------------------------
 
@@ -192,7 +270,7 @@ class EmbeddingTable:
 
     @property
     def state_width(self) -> int:
-        """Optimizer-state elements per row (0, D for Adagrad, 2D+2 for Adam)."""
+        """Optimizer-state elements per row (0, D for Adagrad, 2D+1 for Adam)."""
         return self._layout.state_width
 
     @property
@@ -228,7 +306,17 @@ class EmbeddingTable:
             memory_bytes=self.memory_bytes,
             index_grows=self._grows,
             grow_load_factors=tuple(self._grow_loads),
+            wasted_fraction=self.wasted_fraction,
+            evicted=self._evicted,
+            expired=self._expired,
+            not_admitted=self._not_admitted,
         )
+
+    @property
+    def wasted_fraction(self) -> float:
+        """Holes (erased, expired, evicted rows not yet reused) over rows up to the high-water mark."""
+        high = int(self._cnt[CNT_HIGH])
+        return (high - len(self)) / high if high else 0.0
 
     def __repr__(self) -> str:
         opt = type(self.config.optimizer).__name__ if self.config.optimizer else "sgd"
@@ -268,7 +356,7 @@ class EmbeddingTable:
             ix = self._index
             status = find_batch(
                 ix.idx64, ix.idx32, ix.retired, self._arena64, self._arenav,
-                self._layout.voff, keys, out, found, copy,
+                self._layout.voff, keys, out, found, copy, self._ctx(),
             )
             if status == Status.OK:
                 return
@@ -284,6 +372,9 @@ class EmbeddingTable:
     def find_or_insert(self, keys: Any, out: np.ndarray | None = None) -> np.ndarray:
         """Embeddings of ``keys``, creating absent ones from the initializer.
 
+        With ``admit_after`` set, a key seen fewer times than that gets the
+        initializer's values but no row (counted in ``stats().not_admitted``).
+
         Returns:
             (B, D) rows in the caller's order; a key repeated in the batch gets one row.
         """
@@ -291,53 +382,65 @@ class EmbeddingTable:
         values = as_out(out, k.shape[0], self.dim, self.dtype)
         if self._init_fn is None:
             flags = np.empty(k.shape[0], dtype=np.bool_)
-            self._write(k, MODE_FIND_OR_INSERT, self._no_vals, values, flags)
+            self._write(k, MODE_FIND_OR_INSERT, self._no_vals, values, flags, None)
             return values
         with self._lock:
-            missing = np.unique(k[~self.contains(k)])
+            present = self.contains(k)
+            missing = np.unique(k[~present])
             if missing.size:
                 new = as_matrix(self._init_fn(missing.copy()), missing.size, self.dim, self.dtype,
                                 "initializer(keys) result")
-                self._write_locked(missing, MODE_INSERT_OR_ASSIGN, new, self._no_vals,
-                                   np.empty(missing.size, dtype=np.bool_))
+                try:
+                    self._write_locked(missing, MODE_INSERT_OR_ASSIGN, new, self._no_vals,
+                                       np.empty(missing.size, dtype=np.bool_), None)
+                except TableFull as exc:  # translate the position to the caller's batch
+                    stored = present | np.isin(k, missing[: exc.position])
+                    first = int(np.argmin(stored)) if not stored.all() else k.shape[0]
+                    raise TableFull(rows=exc.rows, max_rows=exc.max_rows,
+                                    load_factor=exc.load_factor, position=first) from None
             found = np.empty(k.shape[0], dtype=np.bool_)
             self._read(k, values, found, copy=True)
         return values
 
-    def insert_or_assign(self, keys: Any, values: Any) -> np.ndarray:
+    def insert_or_assign(self, keys: Any, values: Any, ttl_s: Any = None) -> np.ndarray:
         """Write ``values`` (B, D) to ``keys``, inserting absent ones (fresh optimizer state).
+
+        Args:
+            ttl_s: in a table with a TTL, this write's TTL in seconds: a scalar or
+                (B,) per key; 0 = never expire; None = the table's ``ttl_s``.
 
         Returns: (B,) mask of the keys that were inserted.
         """
         k = as_keys(keys)
         v = as_matrix(values, k.shape[0], self.dim, self.dtype, "values")
         inserted = np.empty(k.shape[0], dtype=np.bool_)
-        self._write(k, MODE_INSERT_OR_ASSIGN, v, self._no_vals, inserted)
+        self._write(k, MODE_INSERT_OR_ASSIGN, v, self._no_vals, inserted, ttl_s)
         return inserted
 
-    def assign(self, keys: Any, values: Any) -> np.ndarray:
+    def assign(self, keys: Any, values: Any, ttl_s: Any = None) -> np.ndarray:
         """Write ``values`` (B, D) to the keys that exist; absent keys are skipped.
 
-        Returns: (B,) mask of the keys that were found (and written).
+        ``ttl_s`` as in ``insert_or_assign``. Returns: (B,) mask of the keys found.
         """
         k = as_keys(keys)
         v = as_matrix(values, k.shape[0], self.dim, self.dtype, "values")
         found = np.empty(k.shape[0], dtype=np.bool_)
-        self._write(k, MODE_ASSIGN, v, self._no_vals, found)
+        self._write(k, MODE_ASSIGN, v, self._no_vals, found, ttl_s)
         return found
 
     def erase(self, keys: Any) -> np.ndarray:
         """Remove ``keys``. Returns: (B,) mask of the keys that were present."""
         k = as_keys(keys)
         found = np.empty(k.shape[0], dtype=np.bool_)
-        self._write(k, MODE_ERASE, self._no_vals, self._no_vals, found)
+        self._write(k, MODE_ERASE, self._no_vals, self._no_vals, found, None)
         return found
 
     def apply_gradients(self, keys: Any, grads: Any, lr: float) -> np.ndarray:
         """One optimizer step on the rows of ``keys`` with ``grads`` (B, D).
 
         Gradients of a key repeated in the batch are summed first, as a dense
-        optimizer sees them; each distinct row steps once. Absent keys are skipped.
+        optimizer sees them; each distinct row steps once. Absent (and expired)
+        keys are skipped. Updated rows count as written: their TTL restarts.
 
         Returns: (B,) mask of the keys that were found (and updated).
         """
@@ -348,11 +451,17 @@ class EmbeddingTable:
             raise ValueError(f"lr: expected a finite number >= 0, got {lr!r}")
         found = np.empty(k.shape[0], dtype=np.bool_)
         with self._lock:
+            self._expire_locked()
             ix = self._index
+            ctx = self._ctx()
+            if self._wheel is not None:
+                ctx[CTX_REFRESH] = ctx[CTX_NOW] + self.config.ttl_s
             apply_gradients_batch(
                 ix.idx64, ix.idx32, self._arena64, self._arena32, self._arenav,
-                self._layout.voff, k, g, float(lr), self._opt, self._hp, found,
+                self._layout.voff, k, g, float(lr), self._opt, self._hp, found, ctx,
             )
+            if self._wheel is not None:
+                self._wheel.file(k[found], np.array([ctx[CTX_REFRESH]], dtype=np.uint32))
         return found
 
     def reserve(self, n: int) -> None:
@@ -366,30 +475,122 @@ class EmbeddingTable:
             if want > self._index.buckets:
                 self._rebuild(want)
 
-    def _write(self, keys: np.ndarray, mode: int, vals: np.ndarray, out: np.ndarray,
-               flags: np.ndarray) -> None:
+    def expire(self) -> int:
+        """Reclaim now every row whose expiry slice has passed; returns how many.
+
+        Writes call this themselves before they start, so it is needed only to
+        release memory promptly in a table that is not being written.
+        """
         with self._lock:
-            self._write_locked(keys, mode, vals, out, flags)
+            return self._expire_locked()
+
+    def compact(self, max_moves: int | None = None) -> int:
+        """Close the holes in the row arena; returns the rows moved.
+
+        Moves the highest live rows into the lowest holes, repointing their index
+        slots under the seqlock, in steps of 65,536 rows with the writer lock
+        released between steps (writes interleave, readers never stop), then
+        returns the memory past the new high-water mark to the system. After a
+        full compaction ``stats().wasted_fraction`` is 0.
+        """
+        if max_moves is not None and not (isinstance(max_moves, int) and max_moves >= 0):
+            raise ValueError(f"max_moves: expected an int >= 0 or None, got {max_moves!r}")
+        moved = 0
+        while max_moves is None or moved < max_moves:
+            step = _COMPACT_STEP if max_moves is None else min(_COMPACT_STEP, max_moves - moved)
+            with self._lock:
+                nfree = int(self._cnt[CNT_FREE])
+                if nfree == 0 or step == 0:
+                    break
+                holes = np.sort(self._free[:nfree])
+                old_high = int(self._cnt[CNT_HIGH])
+                ix = self._index
+                h, moves = compact_step(ix.idx64, ix.idx32, self._arena64, self._arena32, self._arenav,
+                                        self._cnt, holes, 0, step)
+                high = int(self._cnt[CNT_HIGH])
+                left = holes[h:]
+                left = left[left < high]
+                self._free[: left.size] = left
+                self._cnt[CNT_FREE] = left.size
+                self._arena.release(high * self._layout.row_bytes, old_high * self._layout.row_bytes)
+            moved += int(moves)
+            if moves == 0:
+                break
+        return moved
+
+    def _write(self, keys: np.ndarray, mode: int, vals: np.ndarray, out: np.ndarray,
+               flags: np.ndarray, ttl_s: Any) -> None:
+        with self._lock:
+            self._write_locked(keys, mode, vals, out, flags, ttl_s)
+
+    def _expiries(self, n: int, now: int, ttl_s: Any) -> np.ndarray:
+        """uint32 expiry per key ((1,) when all equal) for a write at ``now``."""
+        if ttl_s is None:
+            return np.array([now + self.config.ttl_s if self._wheel is not None else 0], dtype=np.uint32)
+        if self._wheel is None:
+            raise ValueError("ttl_s: this table has no TTL; create it with ttl_s > 0 to give writes one")
+        t = np.asarray(ttl_s)
+        if t.dtype.kind not in "iuf" or t.ndim > 1 or (t.ndim == 1 and t.shape[0] != n):
+            raise ValueError(f"ttl_s: expected a number or an array of shape ({n},), got {t.dtype} {t.shape}")
+        if not (np.isfinite(t).all() and (t >= 0).all() and (t < 2**31).all()):
+            raise ValueError("ttl_s: expected finite seconds in [0, 2**31)")
+        ttl = np.ceil(t).astype(np.int64).reshape(-1)
+        exp = np.where(ttl > 0, now + ttl, 0)
+        return np.minimum(exp, 2**32 - 1).astype(np.uint32)
 
     def _write_locked(self, keys: np.ndarray, mode: int, vals: np.ndarray, out: np.ndarray,
-                      flags: np.ndarray) -> None:
+                      flags: np.ndarray, ttl_s: Any) -> None:
+        self._expire_locked()
+        ctx = self._ctx()
+        expires = self._expiries(keys.shape[0], int(ctx[CTX_NOW]), ttl_s)
+        evicting = mode in (MODE_FIND_OR_INSERT, MODE_INSERT_OR_ASSIGN) and self.config.max_live_rows > 0
+        ev_keys = np.empty(keys.shape[0] if evicting else 0, dtype=np.uint64)
+        ev_vals = np.empty((ev_keys.size if self._on_evict else 0, self.dim), dtype=self.dtype)
         pos = 0
         kind, a, b, seed = self._init
-        while True:
-            ix = self._index
-            status, pos = write_batch(
-                ix.idx64, ix.idx32, ix.idx8, self._arena64, self._arena32, self._arenav,
-                self._cnt, self._free, self._layout.voff, self.dim, keys, pos, mode,
-                vals, out, flags, kind, a, b, seed, self._opt, self._hp, self._nodes,
-            )
-            if status == Status.OK:
-                return
-            if status == Status.INDEX_FULL:
-                self._grow_loads.append(self.load_factor)
-                self._rebuild(self._index.buckets * 2)
-                continue
-            raise TableFull(rows=len(self), max_rows=self._max_rows,
-                            load_factor=self.load_factor, position=int(pos))
+        try:
+            while True:
+                ix = self._index
+                status, pos = write_batch(
+                    ix.idx64, ix.idx32, ix.idx8, self._arena64, self._arena32, self._arenav,
+                    self._cnt, self._free, self._layout.voff, self.dim, keys, pos, mode,
+                    vals, out, flags, kind, a, b, seed, self._opt, self._hp, self._nodes,
+                    ctx, expires, ev_keys, ev_vals, self._sketch,
+                )
+                if status == Status.OK:
+                    break
+                if status == Status.INDEX_FULL:
+                    self._grow_loads.append(self.load_factor)
+                    self._rebuild(self._index.buckets * 2)
+                    continue
+                raise TableFull(rows=len(self), max_rows=self._max_rows,
+                                load_factor=self.load_factor, position=int(pos))
+        finally:
+            self._template_rng(ctx)
+            self._after_write(keys[:pos], mode, flags[:pos], expires, ctx, ev_keys, ev_vals)
+
+    def _template_rng(self, ctx: np.ndarray) -> None:
+        self._ctx_template[CTX_RNG] = ctx[CTX_RNG]
+
+    def _after_write(self, keys: np.ndarray, mode: int, flags: np.ndarray, expires: np.ndarray,
+                     ctx: np.ndarray, ev_keys: np.ndarray, ev_vals: np.ndarray) -> None:
+        """File new expiries, count admissions, report evictions (writer lock held)."""
+        if mode == MODE_FIND_OR_INSERT and self.config.admit_after:
+            self._sightings += keys.size
+            self._not_admitted += int(ctx[CTX_REFUSED])
+            if self._sightings > 8 * self._sketch.shape[1]:  # age the sketch: halve every counter
+                self._sketch >>= 1
+                self._sightings = 0
+        if self._wheel is not None and mode != MODE_ERASE and keys.size:
+            written = keys if mode == MODE_INSERT_OR_ASSIGN else keys[flags]
+            exp = expires if expires.size == 1 else (expires[: keys.size] if mode == MODE_INSERT_OR_ASSIGN
+                                                      else expires[: keys.size][flags])
+            self._wheel.file(written, exp)
+        n_ev = int(ctx[CTX_EVICTED])
+        if n_ev:
+            self._evicted += n_ev
+            if self._on_evict is not None:
+                self._on_evict(ev_keys[:n_ev], ev_vals[:n_ev], "evicted")
 
     def _rebuild(self, buckets: int) -> None:
         """Writer only. Build a larger index from the arena, then swap it in."""
@@ -403,6 +604,29 @@ class EmbeddingTable:
         old, self._index = self._index, new
         old.retired[0] = 1
         self._grows += 1
+
+    def _expire_locked(self) -> int:
+        wheel = self._wheel
+        if wheel is None:
+            return 0
+        now = self._now()
+        due = wheel.next_due()
+        if due is None or due > now:
+            return 0
+        keys = wheel.pop_due(now)
+        if keys.size == 0:
+            return 0
+        ctx = self._ctx()
+        ev_keys = np.empty(keys.size, dtype=np.uint64)
+        ev_vals = np.empty((keys.size if self._on_evict else 0, self.dim), dtype=self.dtype)
+        ix = self._index
+        n = int(reclaim_keys(ix.idx64, ix.idx32, ix.idx8, self._arena64, self._arena32, self._arenav,
+                             self._cnt, self._free, self._layout.voff, self.dim, keys, ctx,
+                             ev_keys, ev_vals))
+        self._expired += n
+        if n and self._on_evict is not None:
+            self._on_evict(ev_keys[:n], ev_vals[:n], "expired")
+        return n
 
     # -- export and import ------------------------------------------------------------
 
@@ -426,7 +650,7 @@ class EmbeddingTable:
                 keys = np.empty(hi - lo, dtype=np.uint64)
                 vals = np.empty((hi - lo, width), dtype=self.dtype)
                 c = export_rows(self._arena64, self._arena32, self._arenav, self._layout.voff,
-                                lo, hi, keys, vals)
+                                lo, hi, keys, vals, self._ctx())
             lo = hi
             if c:
                 yield keys[:c], vals[:c]
@@ -444,7 +668,7 @@ class EmbeddingTable:
             k = as_keys(keys)
             v = as_matrix(values, k.shape[0], width, self.dtype, "values")
             self._write(k, MODE_INSERT_OR_ASSIGN, v, self._no_vals,
-                        np.empty(k.shape[0], dtype=np.bool_))
+                        np.empty(k.shape[0], dtype=np.bool_), None)
             total += k.shape[0]
         return total
 
@@ -463,4 +687,5 @@ def _optimizer(opt: str | Optimizer | None) -> Optimizer | None:
         return Adam()
     if opt in ("none", "sgd"):
         return None
-    raise ValueError(f"optimizer: expected None, 'adagrad', 'adam', Adagrad() or Adam(), got {opt!r}")
+    raise ConfigError(f"expected None, 'adagrad', 'adam', Adagrad() or Adam(), got {opt!r}",
+                      field="table.optimizer")

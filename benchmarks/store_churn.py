@@ -1,0 +1,117 @@
+"""Benchmark: arena waste and lookup speed of a table under heavy churn.
+
+Fill a table (dim 64 float32; 5 M rows, 1 M with ``--quick``), then run rounds
+that erase a random 30 % of the keys and insert as many new ones; a last round
+erases 30 % more without replacing them (a shrinking table leaves holes that
+inserts cannot fill). Then ``compact()``.
+
+Figures (JSON keys):
+- ``wasted_fraction``: holes over rows up to the arena's high-water mark, after
+  compaction (the seed's target: memory waste <= 5 %). The waste before
+  compaction is printed beside it.
+- ``find_after_over_before``: ``find`` throughput (batches of 4096 random
+  present keys) after churn and compaction, over the same on the freshly filled
+  table (target >= 0.9). Each is the median of several rounds.
+
+Run: ``python benchmarks/store_churn.py [--quick] [--json]`` or ``streamrec bench store_churn``.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _common import Report, bench_args, emit_json, median, paired_rates, progress  # noqa: E402
+from store import fill, unique_keys  # noqa: E402
+
+from streamrec import EmbeddingTable  # noqa: E402
+
+DIM = 64
+BATCH = 4096
+
+
+def find_rate(table: EmbeddingTable, keys: np.ndarray, rounds: int) -> float:
+    rng = np.random.default_rng(11)
+    batches = [keys[rng.integers(0, keys.size, BATCH)] for _ in range(64)]
+    out = np.empty((BATCH, DIM), np.float32)
+    i = [0]
+
+    def one() -> int:
+        i[0] = (i[0] + 1) % len(batches)
+        table.find(batches[i[0]], out)
+        return BATCH
+
+    return median(paired_rates({"find": one}, rounds)["find"])
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = bench_args(__doc__.splitlines()[0], argv)
+    rounds = args.rounds or (3 if args.quick else 5)
+    n = 1_000_000 if args.quick else 5_000_000
+    churn_rounds = 3 if args.quick else 5
+    rng = np.random.default_rng(5)
+    pool = unique_keys(n * (churn_rounds + 2), seed=99)
+    live = pool[:n].copy()
+    fresh = n
+    table = EmbeddingTable(dim=DIM, capacity=n)
+    fill(table, live, f"fill {n:,} keys")
+    before = find_rate(table, live, rounds)
+
+    t0 = time.perf_counter()
+    churned = 0
+    with progress() as bar:
+        task = bar.add_task("churn rounds", total=churn_rounds + 1)
+        for r in range(churn_rounds + 1):
+            k = int(0.3 * live.size)
+            pick = rng.choice(live.size, k, replace=False)
+            gone = live[pick]
+            for lo in range(0, k, 65536):
+                table.erase(gone[lo:lo + 65536])
+            keep = np.ones(live.size, bool)
+            keep[pick] = False
+            live = live[keep]
+            churned += k
+            if r < churn_rounds:  # the last round only shrinks
+                new = pool[fresh:fresh + k]
+                fresh += k
+                zeros = np.zeros((min(65536, k), DIM), np.float32)
+                for lo in range(0, k, 65536):
+                    part = new[lo:lo + 65536]
+                    table.insert_or_assign(part, zeros[: part.size])
+                live = np.concatenate([live, new])
+            bar.update(task, advance=1)
+    churn_s = time.perf_counter() - t0
+    wasted_before = table.stats().wasted_fraction
+    mem_before = table.memory_bytes
+    t0 = time.perf_counter()
+    moved = table.compact()
+    compact_s = time.perf_counter() - t0
+    st = table.stats()
+    after = find_rate(table, live, rounds)
+    ok = table.contains(live)
+    assert ok.all(), "compaction lost keys"
+
+    fig = {"wasted_fraction": st.wasted_fraction, "find_after_over_before": after / before}
+    rep = Report(f"streamrec bench store_churn: {n:,} rows, dim 64, {churn_rounds} rounds of "
+                 "30 % erase + insert, then 30 % erase")
+    rep.add("arena waste after compaction", f"{st.wasted_fraction:.4f}",
+            f"before compaction {wasted_before:.3f}; {moved:,} rows moved in {compact_s:.2f} s", "<= 0.05")
+    rep.add("find after churn / before", f"{after / before:.2f}",
+            f"{after / 1e6:.2f} vs {before / 1e6:.2f} M keys/s", ">= 0.9")
+    rep.add("memory", f"{table.memory_bytes / mem_before:.2f} of before compaction",
+            f"{table.memory_bytes / 2**20:,.0f} MiB for {len(table):,} keys")
+    rep.note(f"churn: {churned:,} keys erased in {churn_s:.1f} s; {rounds} timed rounds per find figure")
+    rep.print()
+    if args.json:
+        emit_json(fig)
+    return fig
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,79 @@
+"""The expiry wheel: keys filed by the time slice in which their TTL ends.
+
+Owns: ``ExpiryWheel``, which remembers, per slice of ``slice_s`` seconds, the
+keys whose expiry was set inside it, and hands back every key of the slices
+that have passed. It must not judge whether a key really expired: an entry is a
+hint (the key may have been refreshed or erased since), and the reclaim kernel
+checks the row's own expiry. Reads never depend on the wheel: a row past its
+expiry reads as absent even before its slice is reclaimed.
+
+Why slices rather than a heap: filing is a vectorised bucketing of a whole
+write batch (no per-key work in Python), and reclaiming a passed slice touches
+exactly its entries, so expiry costs work proportional to the rows that expire
+plus the refreshes, never a scan of the table.
+
+Thread safety: writer only (the table calls it under its writer lock).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+__all__ = ["ExpiryWheel"]
+
+
+class ExpiryWheel:
+    """Keys filed by expiry slice.
+
+    Args:
+        slice_s: width of a slice in seconds (>= 1).
+    """
+
+    def __init__(self, slice_s: int) -> None:
+        if slice_s < 1:
+            raise ValueError(f"slice_s: expected >= 1, got {slice_s}")
+        self.slice_s = slice_s
+        self._slices: dict[int, list[np.ndarray]] = {}
+        self.entries = 0
+
+    def file(self, keys: np.ndarray, expires: np.ndarray) -> None:
+        """File ``keys`` (K,) by their expiry ``expires`` (K,) or (1,); 0 = never."""
+        if keys.size == 0:
+            return
+        exp = np.broadcast_to(expires, keys.shape)
+        keep = exp != 0
+        if not keep.all():
+            keys, exp = keys[keep], exp[keep]
+            if keys.size == 0:
+                return
+        sl = exp.astype(np.int64) // self.slice_s
+        first = int(sl[0])
+        if (sl == first).all():  # the common case: one TTL for the whole batch
+            self._slices.setdefault(first, []).append(keys.copy())
+        else:
+            order = np.argsort(sl, kind="stable")
+            sl_sorted = sl[order]
+            bounds = np.flatnonzero(np.diff(sl_sorted)) + 1
+            for part in np.split(order, bounds):
+                self._slices.setdefault(int(sl[part[0]]), []).append(keys[part])
+        self.entries += keys.size
+
+    def next_due(self) -> int | None:
+        """The time (seconds) at which the earliest slice will have passed, or None."""
+        if not self._slices:
+            return None
+        return (min(self._slices) + 1) * self.slice_s
+
+    def pop_due(self, now: int) -> np.ndarray:
+        """Every key filed in a slice that ended at or before ``now``, removing them."""
+        due = [s for s in self._slices if (s + 1) * self.slice_s <= now]
+        if not due:
+            return np.empty(0, dtype=np.uint64)
+        parts = [a for s in sorted(due) for a in self._slices.pop(s)]
+        out = np.concatenate(parts) if len(parts) > 1 else parts[0]
+        self.entries -= out.size
+        return out
+
+    def clear(self) -> None:
+        self._slices.clear()
+        self.entries = 0
