@@ -41,6 +41,7 @@ __all__ = [
     "TableConfig",
     "load_table_config",
     "table_config_from_dict",
+    "table_config_to_dict",
 ]
 
 InitKind = Literal["zeros", "constant", "uniform", "normal", "truncated_normal"]
@@ -293,6 +294,22 @@ def table_config_from_dict(raw: Any, where: str = "table") -> TableConfig:
         raise ConfigError("is required", field=f"{where}.dim")
     cfg: TableConfig = _build(TableConfig, raw, where)
     return cfg
+
+
+def table_config_to_dict(cfg: TableConfig) -> dict[str, Any]:
+    """The TOML form of ``cfg`` (what ``table_config_from_dict`` reads back)."""
+    raw = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)}
+    opt = raw.pop("optimizer")
+    raw["initializer"] = dataclasses.asdict(cfg.initializer)
+    if opt is None:
+        raw["optimizer"] = "none"
+    elif isinstance(opt, Adagrad):
+        raw["optimizer"] = "adagrad"
+        raw["adagrad"] = dataclasses.asdict(opt)
+    else:
+        raw["optimizer"] = "adam"
+        raw["adam"] = dataclasses.asdict(opt)
+    return raw
 
 
 def load_table_config(path: str | Path) -> TableConfig:
