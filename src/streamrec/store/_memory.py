@@ -28,6 +28,7 @@ rules of whoever owns them.
 
 from __future__ import annotations
 
+import contextlib
 import mmap
 import os
 
@@ -39,6 +40,7 @@ __all__ = ["Region"]
 # does not export it.
 _MAP_NORESERVE = getattr(mmap, "MAP_NORESERVE", 0x4000)
 _HUGE = 2 * 1024 * 1024
+_MADV_POPULATE_READ = 22
 
 
 class Region:
@@ -127,6 +129,17 @@ class Region:
         with open(path, "r+b") as f:
             os.ftruncate(f.fileno(), new)
         self._file_size = new
+
+    def populate(self, nbytes: int) -> None:
+        """Fault in the first ``nbytes`` in one call (MADV_POPULATE_READ, Linux 5.14+).
+
+        Cheaper than taking one page fault per 4 KiB page on first use; a no-op
+        where the kernel does not know the advice.
+        """
+        n = min(nbytes, self.file_size)
+        if n > 0:
+            with contextlib.suppress(OSError):
+                self._mm.madvise(_MADV_POPULATE_READ, 0, n)
 
     def flush(self) -> None:
         """Write dirty pages of a file-backed region to its file (msync)."""

@@ -73,14 +73,18 @@ def _remove(
     arenav: np.ndarray, cnt: np.ndarray, free: np.ndarray, voff: int, dim: int,
     b: int, s: int, r: int, ev_keys: np.ndarray, ev_vals: np.ndarray, ctx: np.ndarray,
 ) -> None:
-    """Take the key at (b, s) -> row r out of the table, reporting it if asked."""
+    """Take the key at (b, s) -> row r out of the table, reporting it if asked.
+
+    Reports into ev_keys/ev_vals while they have room: ev_vals's width is D, or
+    D + the optimizer state's width to carry the whole row (tier demotion).
+    """
     unpublish(idx32, idx8, b, s)
     e = ctx[CTX_EVICTED]
     if e < ev_keys.shape[0]:
         ev_keys[e] = arena64[r, 0]
         if ev_vals.shape[0] > e:
             src = arenav[r, voff:]
-            for d in range(dim):
+            for d in range(ev_vals.shape[1]):  # the embedding, and the optimizer state if asked
                 ev_vals[e, d] = src[d]
         ctx[CTX_EVICTED] = e + 1
     arena32[r, STAMP] &= ~np.uint32(1)

@@ -152,6 +152,14 @@ class EmbeddingTable:
             called once per batch with the new keys.
         max_rows: row-arena reservation (0 = automatic; see ``TableConfig``).
         huge_pages: back the arena and index with transparent huge pages.
+        ttl_s, max_live_rows, eviction, admit_after: lifecycle (see ``TableConfig``);
+            further ``TableConfig`` fields may be given by name.
+        clock: seconds as a float (default ``time.time``); tests pass their own.
+        on_evict: ``f(keys, values, reason)`` called after a write with the keys
+            evicted (reason ``"evicted"``) or reclaimed by expiry (``"expired"``)
+            and their rows (n, D); with ``evict_state`` the rows carry the
+            optimizer state too (n, D + state_width), as tier demotion needs.
+        path: run on live files in this directory (see ``open`` and ``close``).
 
     Raises:
         ConfigError: a bad argument, naming it.
@@ -183,6 +191,7 @@ class EmbeddingTable:
         clock: Clock | None = None,
         on_evict: EvictFn | None = None,
         path: str | os.PathLike[str] | None = None,
+        evict_state: bool = False,
         **more: Any,
     ) -> None:
         init_fn: InitFn | None = None
@@ -207,6 +216,7 @@ class EmbeddingTable:
             **more,
         )
         self._setup(cfg, init_fn, clock, on_evict)
+        self._evict_width = self.dim + (self.state_width if evict_state else 0)
         if path is not None:
             self._attach_files(path)
 
@@ -251,6 +261,7 @@ class EmbeddingTable:
         self._epoch = int(self._clock())
         self._files: LiveFiles | None = None
         self._on_evict = on_evict
+        self._evict_width = lay.dim
         self._evicted = 0
         self._expired = 0
         self._not_admitted = 0
@@ -346,18 +357,22 @@ class EmbeddingTable:
 
     # -- reads: lock-free, any thread ---------------------------------------------
 
-    def find(self, keys: Any, out: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    def find(self, keys: Any, out: np.ndarray | None = None, *, include_state: bool = False
+             ) -> tuple[np.ndarray, np.ndarray]:
         """Embeddings of ``keys``.
 
         Args:
             keys: (B,) integer keys.
-            out: optional (B, D) C-contiguous array of the table's dtype to fill.
+            out: optional (B, W) C-contiguous array of the table's dtype to fill.
+            include_state: W = D + ``state_width``: the optimizer state follows
+                each embedding (to move whole rows, as tiers do); else W = D.
 
         Returns:
-            ``(values, found)``: (B, D) rows (zeros where absent) and a (B,) mask.
+            ``(values, found)``: (B, W) rows (zeros where absent) and a (B,) mask.
         """
         k = as_keys(keys)
-        values = as_out(out, k.shape[0], self.dim, self.dtype)
+        width = self.dim + (self.state_width if include_state else 0)
+        values = as_out(out, k.shape[0], width, self.dtype)
         found = np.empty(k.shape[0], dtype=np.bool_)
         self._read(k, values, found, copy=True)
         return values, found
@@ -568,7 +583,7 @@ class EmbeddingTable:
         expires = self._expiries(keys.shape[0], int(ctx[CTX_NOW]), ttl_s)
         evicting = mode in (MODE_FIND_OR_INSERT, MODE_INSERT_OR_ASSIGN) and self.config.max_live_rows > 0
         ev_keys = np.empty(keys.shape[0] if evicting else 0, dtype=np.uint64)
-        ev_vals = np.empty((ev_keys.size if self._on_evict else 0, self.dim), dtype=self.dtype)
+        ev_vals = np.empty((ev_keys.size if self._on_evict else 0, self._evict_width), dtype=self.dtype)
         pos = 0
         kind, a, b, seed = self._init
         try:
@@ -645,7 +660,7 @@ class EmbeddingTable:
         self._room_for(keys.size)
         ctx = self._ctx()
         ev_keys = np.empty(keys.size, dtype=np.uint64)
-        ev_vals = np.empty((keys.size if self._on_evict else 0, self.dim), dtype=self.dtype)
+        ev_vals = np.empty((keys.size if self._on_evict else 0, self._evict_width), dtype=self.dtype)
         ix = self._index
         n = int(reclaim_keys(ix.idx64, ix.idx32, ix.idx8, self._arena64, self._arena32, self._arenav,
                              self._cnt, self._free, self._layout.voff, self.dim, keys, ctx,
