@@ -29,14 +29,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import Report, bench_args, console, emit_json  # noqa: E402
-from store import fill, unique_keys  # noqa: E402
+from _common import Report, bench_args, console, emit_json
+from store import fill, unique_keys
 
-from streamrec import EmbeddingTable  # noqa: E402
+from streamrec import EmbeddingTable
 
 DIM = 64
 
@@ -99,7 +97,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             f"{rebuild_s:.3f} s vs {reopen_s * 1e3:.1f} ms", ">= 100x")
     rep.add("rebuild / cold load of a snapshot", f"{rebuild_s / cold_s:.1f}x",
             f"{rebuild_s:.3f} s vs {cold_s:.3f} s ({size / cold_s:.2f} GiB/s, checksums verified)")
-    rep.add("snapshot write (forked child)", "", f"{snap_s:.2f} s ({size / snap_s:.2f} GiB/s to {disk.parent})")
+    rep.add("snapshot write (forked child)", "",
+            f"{snap_s:.2f} s ({size / snap_s:.2f} GiB/s to {disk.parent})")
     rep.note(f"medians of {runs} runs; live files in {shm}")
     rep.print()
     if args.json:

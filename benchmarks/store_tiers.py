@@ -26,11 +26,11 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import Report, bench_args, emit_json, median, paired_rates, progress, ratio  # noqa: E402
-from store import fill, unique_keys  # noqa: E402
+from _common import Report, bench_args, emit_json, median, paired_rates, progress, ratio
+from store import fill, unique_keys
 
-from streamrec import EmbeddingTable  # noqa: E402
-from streamrec.store.tiers import TieredTable  # noqa: E402
+from streamrec import EmbeddingTable
+from streamrec.store.tiers import TieredTable
 
 DIM = 64
 BATCH = 4096
