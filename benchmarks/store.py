@@ -50,7 +50,7 @@ from _common import (
 )
 
 from streamrec import EmbeddingTable
-from streamrec.store import _ops
+from streamrec.store import _ops, _write
 from streamrec.store._jit import kernel, prefetch2_nta
 
 DIM = 64
@@ -104,7 +104,7 @@ def compile_first_calls() -> tuple[float, str]:
     t.erase(k[:8])
     gather_rows(t._arenav, np.arange(8, dtype=np.int64), np.empty((8, DIM), np.float32), 8, 4)
     elapsed = time.perf_counter() - t0
-    hits = sum(sum(f.stats.cache_hits.values()) for f in (_ops.find_batch, _ops.write_batch))
+    hits = sum(sum(f.stats.cache_hits.values()) for f in (_ops.find_batch, _write.write_batch))
     return elapsed, "loaded from numba's on-disk cache" if hits else "compiled (cold cache)"
 
 

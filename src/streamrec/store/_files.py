@@ -200,7 +200,7 @@ def map_array(path: PathLike, *, writable: bool) -> np.ndarray:
 
     Checks the header, size, checksum table and footer, not the payload (see
     ``verify_array``). A writable mapping is shared: writes reach the file and
-    leave its chunk checksums stale (``write_array`` the result to seal it again).
+    leave its chunk checksums stale, so readers refuse it until it is rewritten.
     Returns an ``np.memmap`` (a plain array when the payload is empty).
     """
     path = _as_path(path, "path")
@@ -290,16 +290,9 @@ def write_snapshot(
         number = max([*gens, current or 0]) + 1
         gen_dir = root / _gen_name(number)
         gen_dir.mkdir()
-        infos = {
-            name: write_array(gen_dir / f"{name}.arr", arr, chunk_bytes=chunk_bytes, fsync=fsync)
-            for name, arr in arrays.items()
-        }
-        body = {
-            "format": _MANIFEST_FORMAT,
-            "generation": number,
-            "meta": meta,
-            "arrays": {name: asdict(info) for name, info in infos.items()},
-        }
+        files = {k: asdict(write_array(gen_dir / f"{k}.arr", a, chunk_bytes=chunk_bytes, fsync=fsync))
+                 for k, a in arrays.items()}
+        body = {"format": _MANIFEST_FORMAT, "generation": number, "meta": meta, "arrays": files}
         text = json.dumps(body, indent=1, allow_nan=False).encode("ascii")
         manifest = b'{"crc32": "%08x", "manifest": %s%s' % (zlib.crc32(text), text, _MANIFEST_TAIL)
         _write_file(gen_dir / _MANIFEST, manifest, fsync)
@@ -330,14 +323,41 @@ def snapshot_info(root: PathLike) -> SnapshotInfo:
     SnapshotError if there is no snapshot; CorruptFile if CURRENT or MANIFEST.json
     is damaged or of an unknown format.
     """
-    root = _as_path(root, "root")
-    number, gen = _read_current(root)
-    path = root / gen / _MANIFEST
+    number, gen = _read_current(_as_path(root, "root"))
+    path = Path(root) / gen / _MANIFEST
+    p = str(path)
     try:
         data = path.read_bytes()
     except OSError as exc:
-        raise SnapshotError(f"cannot read manifest of CURRENT {gen}: {exc.strerror}", path=str(path)) from exc
-    return _parse_manifest(path, data, number)
+        raise SnapshotError(f"cannot read manifest of CURRENT {gen}: {exc.strerror}", path=p) from exc
+    head = _MANIFEST_HEAD.match(data)
+    if head is None:
+        raise CorruptFile(path=p, problem="bad opening: not a streamrec manifest")
+    if not data.endswith(_MANIFEST_TAIL) or len(data) < head.end() + len(_MANIFEST_TAIL):
+        raise CorruptFile(path=p, problem="truncated: does not end in '}\\n'")
+    text = data[head.end() : -len(_MANIFEST_TAIL)]
+    if (crc := zlib.crc32(text)) != int(head.group(1), 16):
+        problem = f"checksum mismatch (stored {head.group(1).decode()}, computed {crc:08x})"
+        raise CorruptFile(path=p, problem=problem)
+    try:
+        body = json.loads(text.decode("ascii"))
+        fmt = body.get("format") if isinstance(body, dict) else None
+        if fmt != _MANIFEST_FORMAT:
+            raise CorruptFile(path=p, problem=f"unknown manifest format {fmt!r} (this build reads 1)")
+        if body["generation"] != number:
+            raise CorruptFile(path=p, problem=f"manifest of generation {body['generation']!r} in {gen}")
+        meta, arrays = body["meta"], body["arrays"]
+        if not isinstance(meta, dict) or not isinstance(arrays, dict):
+            raise TypeError("meta and arrays must be objects")
+        infos = {}
+        for name, entry in arrays.items():
+            _check_name(name)
+            infos[name] = info = _info_from_json(entry)
+            if info.file != f"{name}.arr":
+                raise ValueError(f"array {name!r} lives in {info.file!r}")
+    except (UnicodeDecodeError, KeyError, TypeError, ValueError) as exc:
+        raise CorruptFile(path=p, problem=f"malformed manifest: {exc!r}") from exc
+    return SnapshotInfo(path.parent, number, meta, infos)
 
 
 def read_snapshot(
@@ -434,6 +454,7 @@ def _check_header(fd: int, path: Path) -> ArrayInfo:
 
 
 def _truncated(size: int, info: ArrayInfo) -> str:
+    """The problem of a file of ``size`` bytes too short for ``info``."""
     if size < _PAYLOAD_OFFSET + info.nbytes:
         return f"truncated: {max(size - _PAYLOAD_OFFSET, 0):,} of {info.nbytes:,} payload bytes"
     have, want = size - _PAYLOAD_OFFSET - info.nbytes, 4 * info.chunks + _FOOTER_BYTES
@@ -551,12 +572,11 @@ def _generations(root: Path) -> dict[int, Path]:
 def _read_current(root: Path) -> tuple[int, str]:
     path = root / _CURRENT
     try:
-        with open(path, "rb") as f:
-            data = f.read(64)
-    except FileNotFoundError as exc:
-        raise SnapshotError("no snapshot: CURRENT not found", path=str(path)) from exc
+        data = path.read_bytes()
     except OSError as exc:
-        raise SnapshotError(f"cannot read: {exc.strerror}", path=str(path)) from exc
+        missing = isinstance(exc, FileNotFoundError)
+        message = "no snapshot: CURRENT not found" if missing else f"cannot read: {exc.strerror}"
+        raise SnapshotError(message, path=str(path)) from exc
     m = _CURRENT_LINE.fullmatch(data)
     if m is None:
         raise CorruptFile(path=str(path), problem=f"not a CURRENT line: {data[:40]!r}")
@@ -564,40 +584,6 @@ def _read_current(root: Path) -> tuple[int, str]:
         raise CorruptFile(path=str(path), problem=f"checksum mismatch for {m.group(1)!r}")
     name = m.group(1).decode("ascii")
     return int(name[4:]), name
-
-
-def _parse_manifest(path: Path, data: bytes, number: int) -> SnapshotInfo:
-    p = str(path)
-    head = _MANIFEST_HEAD.match(data)
-    if head is None:
-        raise CorruptFile(path=p, problem="bad opening: not a streamrec manifest")
-    if not data.endswith(_MANIFEST_TAIL) or len(data) < head.end() + len(_MANIFEST_TAIL):
-        raise CorruptFile(path=p, problem="truncated: does not end in '}\\n'")
-    text = data[head.end() : -len(_MANIFEST_TAIL)]
-    crc = zlib.crc32(text)
-    if crc != int(head.group(1), 16):
-        problem = f"checksum mismatch (stored {head.group(1).decode()}, computed {crc:08x})"
-        raise CorruptFile(path=p, problem=problem)
-    try:
-        body = json.loads(text.decode("ascii"))
-        fmt = body.get("format") if isinstance(body, dict) else None
-        if fmt != _MANIFEST_FORMAT:
-            raise CorruptFile(path=p, problem=f"unknown manifest format {fmt!r} (this build reads 1)")
-        if body["generation"] != number:
-            problem = f"manifest of generation {body['generation']!r} in {_gen_name(number)}"
-            raise CorruptFile(path=p, problem=problem)
-        meta, arrays = body["meta"], body["arrays"]
-        if not isinstance(meta, dict) or not isinstance(arrays, dict):
-            raise TypeError("meta and arrays must be objects")
-        infos = {}
-        for name, entry in arrays.items():
-            _check_name(name)
-            infos[name] = info = _info_from_json(entry)
-            if info.file != f"{name}.arr":
-                raise ValueError(f"array {name!r} lives in {info.file!r}")
-    except (UnicodeDecodeError, KeyError, TypeError, ValueError) as exc:
-        raise CorruptFile(path=p, problem=f"malformed manifest: {exc!r}") from exc
-    return SnapshotInfo(path.parent, number, meta, infos)
 
 
 def _info_from_json(entry: Any) -> ArrayInfo:

@@ -35,6 +35,7 @@ from __future__ import annotations
 import numpy as np
 
 from streamrec.store._jit import barrier, ctz, inline, kernel
+from streamrec.store._memory import Region
 
 __all__ = [
     "BUCKET_BYTES",
@@ -42,6 +43,7 @@ __all__ = [
     "ROW0",
     "SLOTS",
     "VER",
+    "IndexGeneration",
     "alt_bucket",
     "find_empty",
     "hash_key",
@@ -291,3 +293,21 @@ def make_room(
         free_s = ps
         n = p
     return free_b, free_s
+
+
+class IndexGeneration:
+    """One index generation: its memory, the three views, and its retired flag.
+
+    A table replaces its generation when it grows; readers still on the old one
+    see ``retired`` set and restart on the new one.
+    """
+
+    def __init__(self, buckets: int, huge_pages: bool, region: Region | None = None) -> None:
+        self.region = region or Region(buckets * BUCKET_BYTES, huge_pages=huge_pages)
+        self.idx64 = self.region.array(np.uint64, (buckets, BUCKET_BYTES // 8))
+        self.idx32 = self.region.array(np.uint32, (buckets, BUCKET_BYTES // 4))
+        self.idx8 = self.region.array(np.uint8, (buckets, BUCKET_BYTES))
+        # Set to 1 (once, by the writer) when a newer index replaces this one;
+        # readers still on it see the flag and restart on the new one.
+        self.retired = np.zeros(1, dtype=np.int64)
+        self.buckets = buckets

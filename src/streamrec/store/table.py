@@ -19,9 +19,8 @@ from __future__ import annotations
 import os
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -32,10 +31,8 @@ from streamrec.config import (
     Initializer,
     Optimizer,
     TableConfig,
-    table_config_from_dict,
-    table_config_to_dict,
 )
-from streamrec.errors import ConfigError, SnapshotError, TableBusy, TableFull
+from streamrec.errors import ConfigError, TableBusy, TableFull
 from streamrec.store._checks import as_keys, as_matrix, as_out
 from streamrec.store._evict import (
     CTX_ADMIT,
@@ -55,8 +52,7 @@ from streamrec.store._evict import (
     POLICY_NONE,
 )
 from streamrec.store._expiry import ExpiryWheel
-from streamrec.store._files import read_snapshot, snapshot_info
-from streamrec.store._index import BUCKET_BYTES, MAX_BFS_NODES, SLOTS
+from streamrec.store._index import BUCKET_BYTES, MAX_BFS_NODES, SLOTS, IndexGeneration
 from streamrec.store._memory import Region
 from streamrec.store._ops import (
     CNT_FREE,
@@ -69,12 +65,12 @@ from streamrec.store._ops import (
     Status,
     find_batch,
 )
-from streamrec.store._persist import LiveFiles, SnapshotJob, is_live_dir, is_snapshot_dir, run_snapshot
-from streamrec.store._rows import STAMP, RowLayout, init_params, optimizer_params
+from streamrec.store._persist import LiveFiles
+from streamrec.store._rows import RowLayout, init_params, optimizer_params
+from streamrec.store._table_files import TableFiles
 from streamrec.store._write import (
     apply_gradients_batch,
     compact_step,
-    export_rows,
     rebuild_index,
     reclaim_keys,
     write_batch,
@@ -120,21 +116,7 @@ class TableStats:
     not_admitted: int
 
 
-class _Index:
-    """One index generation: its memory, the three views, and its retired flag."""
-
-    def __init__(self, buckets: int, huge_pages: bool, region: Region | None = None) -> None:
-        self.region = region or Region(buckets * BUCKET_BYTES, huge_pages=huge_pages)
-        self.idx64 = self.region.array(np.uint64, (buckets, BUCKET_BYTES // 8))
-        self.idx32 = self.region.array(np.uint32, (buckets, BUCKET_BYTES // 4))
-        self.idx8 = self.region.array(np.uint8, (buckets, BUCKET_BYTES))
-        # Set to 1 (once, by the writer) when a newer index replaces this one;
-        # readers still on it see the flag and restart on the new one.
-        self.retired = np.zeros(1, dtype=np.int64)
-        self.buckets = buckets
-
-
-class EmbeddingTable:
+class EmbeddingTable(TableFiles):
     """A map from uint64 keys to embedding rows (with optimizer state), for batches.
 
     Shape contract: B keys per call, D = ``dim``. Keys are (B,) integers, every
@@ -248,7 +230,7 @@ class EmbeddingTable:
         self._free_region = Region(self._max_rows * 4, huge_pages=False)
         self._free = self._free_region.array(np.uint32, (self._max_rows,))
         self._cnt = np.zeros(4, dtype=np.int64)
-        self._index = _Index(_buckets_for(cfg.capacity), cfg.huge_pages)
+        self._index = IndexGeneration(_buckets_for(cfg.capacity), cfg.huge_pages)
         self._lock = threading.Lock()
         self._nodes = np.empty((MAX_BFS_NODES, 3), dtype=np.int64)
         self._init = init_params(cfg.initializer)
@@ -634,7 +616,7 @@ class EmbeddingTable:
         """Writer only. Build a larger index from the arena, then swap it in."""
         while True:
             region = self._files.new_index(buckets, buckets * BUCKET_BYTES) if self._files else None
-            new = _Index(buckets, self.config.huge_pages, region)
+            new = IndexGeneration(buckets, self.config.huge_pages, region)
             status = rebuild_index(new.idx64, new.idx32, new.idx8, self._arena64, self._arena32,
                                    int(self._cnt[CNT_HIGH]), self._nodes)
             if status == Status.OK:
@@ -669,230 +651,6 @@ class EmbeddingTable:
         if n and self._on_evict is not None:
             self._on_evict(ev_keys[:n], ev_vals[:n], "expired")
         return n
-
-    # -- files, snapshots, restart ------------------------------------------------------
-
-    def _room_for(self, n: int) -> None:
-        """Writer only. Before a write of up to n new rows: mark live files dirty, grow them."""
-        files = self._files
-        if files is None:
-            return
-        files.mark_dirty()
-        self._arena.ensure((int(self._cnt[CNT_HIGH]) + n) * self._layout.row_bytes)
-        self._free_region.ensure((int(self._cnt[CNT_FREE]) + n) * 4)
-
-    def _file_meta(self) -> dict[str, Any]:
-        lay = self._layout
-        return {"kind": "embedding_table", "config": table_config_to_dict(self.config),
-                "row_bytes": lay.row_bytes, "voff": lay.voff, "epoch": self._epoch}
-
-    def _attach_files(self, path: str | os.PathLike[str]) -> None:
-        """Move a new, empty table onto live files in ``path``."""
-        files = LiveFiles.create(path, self._file_meta())
-        buckets = self._index.buckets
-        self._use_files(files, _Index(buckets, False, files.new_index(buckets, buckets * BUCKET_BYTES)))
-        files.index_done(buckets)
-
-    def _use_files(self, files: LiveFiles, index: _Index) -> None:
-        lay = self._layout
-        self._arena = files.arena(self._max_rows * lay.row_bytes)
-        self._arena64 = self._arena.array(np.uint64, (self._max_rows, lay.row_bytes // 8))
-        self._arena32 = self._arena.array(np.uint32, (self._max_rows, lay.row_bytes // 4))
-        self._arenav = self._arena.array(lay.dtype, (self._max_rows, lay.row_elems))
-        self._free_region = files.free(self._max_rows * 4)
-        self._free = self._free_region.array(np.uint32, (self._max_rows,))
-        self._cnt = files.counters()
-        self._index = index
-        self._files = files
-
-    @property
-    def path(self) -> Path | None:
-        """The live directory of a file-backed table, else None."""
-        return self._files.root if self._files is not None else None
-
-    def close(self) -> None:
-        """Flush a file-backed table and mark its files clean, so ``open`` can map them again.
-
-        The table stays usable; its next write marks the files dirty again. A
-        table in anonymous memory has nothing to close.
-        """
-        with self._lock:
-            if self._files is not None:
-                ix = self._index
-                self._files.close_clean(ix.idx8, [self._arena, self._free_region, ix.region])
-
-    def __enter__(self) -> EmbeddingTable:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def snapshot(self, root: str | os.PathLike[str], *, wait: bool = True) -> Path | SnapshotJob:
-        """Write a consistent snapshot of the table to ``root`` while writes continue.
-
-        The table forks under its writer lock (a few milliseconds); the child
-        writes its copy-on-write image as a new checksummed generation of
-        ``root``, switched in atomically, so a crash at any point leaves the
-        previous snapshot loadable. A file-backed table writes in-process under
-        its writer lock instead (its pages are shared with a child, not copied).
-
-        Returns the root, or with ``wait=False`` a ``SnapshotJob`` to ``wait()`` on.
-        Raises SnapshotError if the snapshot could not be written.
-        """
-        lay = self._layout
-        with self._lock:
-            ix = self._index
-            high, nfree = int(self._cnt[CNT_HIGH]), int(self._cnt[CNT_FREE])
-            meta = {**self._file_meta(), "format": 1, "buckets": ix.buckets, "high": high,
-                    "nfree": nfree, "live": int(self._cnt[CNT_LIVE]), "grows": self._grows,
-                    "evicted": self._evicted, "expired": self._expired,
-                    "not_admitted": self._not_admitted}
-
-            def arrays() -> dict[str, np.ndarray]:
-                out = {"index": ix.idx8, "arena": self._arena.array(np.uint8, (high, lay.row_bytes)),
-                       "free": self._free[:nfree]}
-                if self.config.admit_after:
-                    out["sketch"] = self._sketch
-                return out
-
-            job = run_snapshot(root, arrays, meta, fork=self._files is None)
-        if isinstance(job, Path) or not wait:
-            return job
-        return job.wait()
-
-    @classmethod
-    def open(cls, path: str | os.PathLike[str], *, initializer_fn: InitFn | None = None,
-             clock: Clock | None = None, on_evict: EvictFn | None = None) -> EmbeddingTable:
-        """Reopen a table: a live directory (warm) or a snapshot (cold).
-
-        Warm: the live files of a file-backed table that was closed cleanly are
-        mapped again after their header and index checksum are verified; rows are
-        not read. Cold: a snapshot's files are read sequentially into new memory,
-        every chunk's checksum verified before the table serves; no rehashing.
-        Tables with a TTL rebuild their expiry wheel from the rows' expiries.
-
-        Raises SnapshotError (CorruptFile for a damaged file) naming the file and
-        the problem; nothing is half-loaded.
-        """
-        if is_snapshot_dir(path):
-            return cls._load_snapshot(Path(path), initializer_fn, clock, on_evict)
-        if is_live_dir(path):
-            files = LiveFiles.open(path)
-            self = cls._from_meta(files.meta, str(path), initializer_fn, clock, on_evict)
-            self._epoch = files.epoch
-            region, buckets = files.current_index()
-            self._use_files(files, _Index(buckets, False, region))
-            high = int(self._cnt[CNT_HIGH])
-            if self._arena.file_size < high * self._layout.row_bytes:
-                raise SnapshotError(f"arena.bin holds fewer than its {high} rows", path=str(path))
-            self._refile_expiries()
-            return self
-        raise SnapshotError("neither a snapshot (no CURRENT) nor a live table directory (no TABLE.json)",
-                            path=str(path))
-
-    @classmethod
-    def _from_meta(cls, meta: dict[str, Any], where: str, init_fn: InitFn | None, clock: Clock | None,
-                   on_evict: EvictFn | None) -> EmbeddingTable:
-        if meta.get("kind") != "embedding_table":
-            raise SnapshotError(f"holds a {meta.get('kind')!r}, not an embedding table", path=where)
-        try:
-            cfg = table_config_from_dict(meta["config"])
-        except (KeyError, ConfigError) as exc:
-            raise SnapshotError(f"bad table config: {exc}", path=where) from None
-        self = cls.__new__(cls)
-        self._setup(cfg, init_fn, clock, on_evict)
-        if meta.get("row_bytes") != self._layout.row_bytes:
-            raise SnapshotError(f"row layout {meta.get('row_bytes')} B differs from this build's "
-                                f"{self._layout.row_bytes} B", path=where)
-        self._epoch = int(meta["epoch"])
-        return self
-
-    @classmethod
-    def _load_snapshot(cls, root: Path, init_fn: InitFn | None, clock: Clock | None,
-                       on_evict: EvictFn | None) -> EmbeddingTable:
-        meta = snapshot_info(root).meta
-        self = cls._from_meta(meta, str(root), init_fn, clock, on_evict)
-        try:
-            high, nfree, live, buckets = (int(meta[k]) for k in ("high", "nfree", "live", "buckets"))
-        except (KeyError, TypeError, ValueError) as exc:
-            raise SnapshotError(f"MANIFEST.json meta incomplete: {exc}", path=str(root)) from None
-        if high > self._max_rows or buckets < 2 or buckets & (buckets - 1):
-            raise SnapshotError(f"implausible sizes: {high} rows, {buckets} buckets", path=str(root))
-        self._index = _Index(buckets, self.config.huge_pages)
-        lay = self._layout
-        targets = {"index": self._index.idx8, "arena": self._arena.array(np.uint8, (high, lay.row_bytes)),
-                   "free": self._free[:nfree]}
-        if self.config.admit_after:
-            targets["sketch"] = self._sketch
-
-        def allocate(name: str, dtype: np.dtype, shape: tuple[int, ...]) -> np.ndarray:
-            if name not in targets:
-                raise SnapshotError(f"unexpected array {name!r}", path=str(root))
-            return targets[name]
-
-        _, arrays = read_snapshot(root, allocate)
-        if set(arrays) != set(targets):
-            raise SnapshotError(f"arrays {sorted(arrays)} do not match {sorted(targets)}", path=str(root))
-        self._cnt[CNT_HIGH], self._cnt[CNT_FREE], self._cnt[CNT_LIVE] = high, nfree, live
-        self._grows = int(meta.get("grows", 0))
-        self._evicted, self._expired = int(meta.get("evicted", 0)), int(meta.get("expired", 0))
-        self._not_admitted = int(meta.get("not_admitted", 0))
-        self._refile_expiries()
-        return self
-
-    def _refile_expiries(self) -> None:
-        """File every live row's expiry in a fresh wheel (tables with a TTL)."""
-        if self._wheel is None:
-            return
-        self._wheel.clear()
-        high = int(self._cnt[CNT_HIGH])
-        exp = self._arena32[:high, self._layout.expire_word]
-        live = (self._arena32[:high, STAMP] & 1).astype(bool) & (exp != 0)
-        self._wheel.file(self._arena64[:high, 0][live], exp[live])
-
-    # -- export and import ------------------------------------------------------------
-
-    def export(self, chunk_rows: int = 65536, include_state: bool = False
-               ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        """Iterate over the table as ``(keys (n,), values (n, W))`` chunks.
-
-        W is D, or D + ``state_width`` with ``include_state``. Memory stays at one
-        chunk: the writer lock is held only while a chunk is copied, so writes go
-        on between chunks; a row live for the whole export appears exactly once.
-        """
-        if not (isinstance(chunk_rows, int) and chunk_rows >= 1):
-            raise ValueError(f"chunk_rows: expected an int >= 1, got {chunk_rows!r}")
-        width = self.dim + (self.state_width if include_state else 0)
-        lo = 0
-        while True:
-            with self._lock:
-                hi = min(lo + chunk_rows, int(self._cnt[CNT_HIGH]))
-                if lo >= hi:
-                    return
-                keys = np.empty(hi - lo, dtype=np.uint64)
-                vals = np.empty((hi - lo, width), dtype=self.dtype)
-                c = export_rows(self._arena64, self._arena32, self._arenav, self._layout.voff,
-                                lo, hi, keys, vals, self._ctx())
-            lo = hi
-            if c:
-                yield keys[:c], vals[:c]
-
-    def import_chunks(self, chunks: Iterable[tuple[Any, Any]], include_state: bool = False) -> int:
-        """Insert-or-assign every ``(keys, values)`` chunk, as ``export`` yields them.
-
-        With ``include_state`` the values carry the optimizer state after the
-        embedding (W = D + state_width) and it is restored; otherwise new rows
-        get fresh state. Returns the number of keys written.
-        """
-        width = self.dim + (self.state_width if include_state else 0)
-        total = 0
-        for keys, values in chunks:
-            k = as_keys(keys)
-            v = as_matrix(values, k.shape[0], width, self.dtype, "values")
-            self._write(k, MODE_INSERT_OR_ASSIGN, v, self._no_vals,
-                        np.empty(k.shape[0], dtype=np.bool_), None)
-            total += k.shape[0]
-        return total
 
 
 def _buckets_for(n: int) -> int:
