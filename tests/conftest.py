@@ -12,14 +12,14 @@ from hypothesis import HealthCheck, settings
 settings.register_profile(
     "default",
     deadline=None,
-    max_examples=40,
+    max_examples=100,
     suppress_health_check=[HealthCheck.too_slow],
 )
 # Longer runs for CI or a hunt for rare interleavings: HYPOTHESIS_PROFILE=ci.
 settings.register_profile(
     "ci",
     deadline=None,
-    max_examples=300,
+    max_examples=1000,
     suppress_health_check=[HealthCheck.too_slow],
     print_blob=True,
 )

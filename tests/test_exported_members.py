@@ -27,9 +27,12 @@ EXPECTED = {
         "TableConfig",
         "load_table_config",
         "table_config_from_dict",
+        "table_config_to_dict",
     ],
     "streamrec.errors": [
         "ConfigError",
+        "CorruptFile",
+        "SnapshotError",
         "StoreError",
         "StreamrecError",
         "TableBusy",

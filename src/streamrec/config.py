@@ -66,7 +66,8 @@ class Adagrad:
 
     def __post_init__(self) -> None:
         _check_positive("adagrad.eps", self.eps)
-        if not (math.isfinite(self.initial_accumulator) and self.initial_accumulator >= 0):
+        v = self.initial_accumulator
+        if not (isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v >= 0):
             raise ConfigError(
                 f"must be a finite number >= 0, got {self.initial_accumulator!r}",
                 field="adagrad.initial_accumulator",
@@ -278,6 +279,9 @@ def table_config_from_dict(raw: Any, where: str = "table") -> TableConfig:
     adam = raw.pop("adam", {})
     init = raw.pop("initializer", {})
     optimizer: Optimizer | None
+    for other, section in (("adagrad", adagrad), ("adam", adam)):
+        if other != opt_name and section:
+            raise ConfigError(f"is given but optimizer is {opt_name!r}", field=f"{where}.{other}")
     if opt_name == "none":
         optimizer = None
     elif opt_name == "adagrad":
@@ -326,4 +330,5 @@ def load_table_config(path: str | Path) -> TableConfig:
     try:
         return table_config_from_dict(doc["table"])
     except ConfigError as exc:
-        raise ConfigError(f"{p}: {exc}", field="") from exc
+        message = str(exc).split(": ", 1)[1] if exc.field else str(exc)
+        raise ConfigError(f"{message} (in {p})", field=exc.field) from exc

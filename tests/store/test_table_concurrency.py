@@ -12,9 +12,10 @@ from numpy.testing import assert_array_equal
 
 from streamrec import EmbeddingTable, Initializer
 
-DIM = 32  # 128 bytes of float32: two cache lines, written element by element
+DIM = 128  # 512 bytes of float32: eight cache lines, written element by element
 GROW_STEP = 500  # grow keys inserted per writer step
 N_STABLE, N_CHURN, N_GROW, N_NEVER = 2_000, 1_000, 40_000, 2_000
+N_HOT = 64  # stable keys rewritten several times per writer step, read often: where tearing would show
 STABLE = slice(0, N_STABLE)
 CHURN = slice(N_STABLE, N_STABLE + N_CHURN)
 GROW0 = N_STABLE + N_CHURN
@@ -28,9 +29,10 @@ KEYS = _rng.permutation(np.unique(_rng.integers(0, 2**64, size=2 * N_KEYS, dtype
 TAGS = (KEYS % np.uint64(65_521)).astype(np.float32) + 1  # a per-key column, exact in float32
 
 
-def rows_for(idx: np.ndarray, version: int) -> np.ndarray:
-    """The row written for keys ``KEYS[idx]`` at ``version``: [tag, v, v, ..., v]."""
-    rows = np.full((idx.size, DIM), float(version), dtype=np.float32)
+def rows_for(idx: np.ndarray, version: int | np.ndarray) -> np.ndarray:
+    """The rows written for keys ``KEYS[idx]`` at ``version`` (one, or one per row): [tag, v, ..., v]."""
+    rows = np.empty((idx.size, DIM), dtype=np.float32)
+    rows[:] = np.asarray(version, dtype=np.float32).reshape(-1, 1)
     rows[:, 0] = TAGS[idx]
     return rows
 
@@ -100,6 +102,12 @@ def _writer(shared: Shared, seconds: float, seed: int, written: np.ndarray, pres
             stable = rng.choice(N_STABLE, size=200, replace=False)
             table.insert_or_assign(KEYS[stable], rows_for(stable, v))
             written[stable] = v
+            # The hot keys, rewritten 16 times in one call, each pass a newer version.
+            hot = np.tile(np.arange(N_HOT), 16)
+            versions = shared.version + 1 + np.arange(hot.size) // N_HOT
+            shared.version = int(versions[-1])
+            table.insert_or_assign(KEYS[hot], rows_for(hot, versions))
+            written[:N_HOT] = shared.version
 
             gone = CHURN.start + rng.choice(N_CHURN, size=100, replace=False)
             table.erase(KEYS[gone])
@@ -146,7 +154,10 @@ def _finder(shared: Shared, seed: int, who: str) -> None:
             rnd = shared.round
             if rnd.number != number:
                 number, last[:] = rnd.number, 0
-            idx = rng.choice(N_KEYS, size=int(rng.integers(1, 2_000)), replace=False)
+            if rng.random() < 0.5:
+                idx = rng.permutation(N_HOT)
+            else:
+                idx = rng.choice(N_KEYS, size=int(rng.integers(1, 2_000)), replace=False)
             grown_before = rnd.grown
             out = np.empty((idx.size, DIM), dtype=np.float32) if rng.random() < 0.5 else None
             values, found = rnd.table.find(KEYS[idx], out=out)
@@ -192,9 +203,21 @@ def _container(shared: Shared, seed: int, who: str) -> None:
         shared.fail(f"{who}: {exc!r}")
 
 
+def _warm_up() -> None:
+    """Run every kernel the threads use once, so a cold numba cache compiles here, not in the timed part."""
+    table = EmbeddingTable(dim=DIM, capacity=1, initializer=Initializer(kind="zeros"), huge_pages=False)
+    idx = np.arange(100)
+    table.insert_or_assign(KEYS[idx], rows_for(idx, 1))
+    table.find(KEYS[idx], out=np.empty((idx.size, DIM), dtype=np.float32))
+    table.find(KEYS[idx])
+    table.contains(KEYS[idx])
+    table.erase(KEYS[idx[:10]])
+
+
 def _run(reader: Callable[[Shared, int, str], None], n_readers: int, seconds: float, seed: int) -> Shared:
     written = np.zeros(N_KEYS, dtype=np.int64)
     present = np.zeros(N_KEYS, dtype=bool)
+    _warm_up()
     shared = Shared(round=_new_round(0, 1), version=1)
     written[: N_STABLE + N_CHURN] = 1
     present[: N_STABLE + N_CHURN] = True

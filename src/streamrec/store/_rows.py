@@ -212,8 +212,9 @@ def apply_update(
             w[d] = w[d] - lr * g[d] / (math.sqrt(acc) + eps)
     else:
         eps, beta1, beta2 = hp[0], hp[1], hp[2]
-        # t is stored exactly (float32 holds integers to 2**24); past that both
-        # corrections are 1 to double precision, so t stops counting there.
+        # t is stored exactly (float32 holds integers to 2**24) and stops there;
+        # by then both corrections are 1 in double precision for any beta up to
+        # 1 - 2.2e-6 (beta**(2**24) underflows), far past the usual 0.999.
         t = min(st[2 * dim] + 1.0, _ADAM_T_MAX)
         st[2 * dim] = t
         step = lr / (1.0 - beta1**t)

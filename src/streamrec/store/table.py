@@ -463,7 +463,8 @@ class EmbeddingTable(TableFiles):
         k = as_keys(keys)
         g = as_matrix(grads, k.shape[0], self.dim, np.dtype(np.float32) if self.dtype == np.float32
                       else self.dtype, "grads")
-        if not (isinstance(lr, (int, float, np.floating)) and np.isfinite(lr) and lr >= 0):
+        real = isinstance(lr, (int, float, np.floating)) and not isinstance(lr, bool)
+        if not (real and np.isfinite(lr) and lr >= 0):
             raise ValueError(f"lr: expected a finite number >= 0, got {lr!r}")
         found = np.empty(k.shape[0], dtype=np.bool_)
         with self._lock:
