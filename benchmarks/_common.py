@@ -35,6 +35,7 @@ __all__ = [
     "bench_args",
     "console",
     "emit_json",
+    "finish",
     "paired_rates",
     "progress",
     "redis_server",
@@ -123,6 +124,14 @@ class Report:
         console.print(t)
         for n in self.notes:
             console.print(f"  - {n}")
+
+
+def finish(report: Report, figures: dict[str, Any], as_json: bool) -> dict[str, Any]:
+    """Print the report, then the figures as JSON if asked; return the figures."""
+    report.print()
+    if as_json:
+        emit_json(figures)
+    return figures
 
 
 def emit_json(obj: dict[str, Any]) -> None:

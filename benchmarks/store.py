@@ -41,7 +41,7 @@ from _common import (
     Report,
     bench_args,
     console,
-    emit_json,
+    finish,
     median,
     paired_rates,
     progress,
@@ -302,11 +302,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             first = fig
     report.add("first calls of the kernels", "", f"{compile_s:.2f} s ({how})")
     report.note(f"{rounds} rounds per figure, medians; ratios are medians of per-round ratios")
-    report.print()
-    result = {**first, "compile_s": compile_s}
-    if args.json:
-        emit_json(result)
-    return result
+    return finish(report, {**first, "compile_s": compile_s}, args.json)
 
 
 if __name__ == "__main__":

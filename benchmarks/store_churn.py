@@ -27,7 +27,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import Report, bench_args, emit_json, median, paired_rates, progress
+from _common import Report, bench_args, finish, median, paired_rates, progress
 from store import fill, unique_keys
 
 from streamrec import EmbeddingTable
@@ -107,10 +107,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     rep.add("memory", f"{table.memory_bytes / mem_before:.2f} of before compaction",
             f"{table.memory_bytes / 2**20:,.0f} MiB for {len(table):,} keys")
     rep.note(f"churn: {churned:,} keys erased in {churn_s:.1f} s; {rounds} timed rounds per find figure")
-    rep.print()
-    if args.json:
-        emit_json(fig)
-    return fig
+    return finish(rep, fig, args.json)
 
 
 if __name__ == "__main__":

@@ -31,7 +31,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import Report, bench_args, console, emit_json
+from _common import Report, bench_args, console, finish
 from store import fill, unique_keys
 
 from streamrec import EmbeddingTable
@@ -100,10 +100,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     rep.add("snapshot write (forked child)", "",
             f"{snap_s:.2f} s ({size / snap_s:.2f} GiB/s to {disk.parent})")
     rep.note(f"medians of {runs} runs; live files in {shm}")
-    rep.print()
-    if args.json:
-        emit_json(fig)
-    return fig
+    return finish(rep, fig, args.json)
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import Report, bench_args, emit_json, median, paired_rates, progress, ratio
+from _common import Report, bench_args, finish, median, paired_rates, progress, ratio
 from store import fill, unique_keys
 
 from streamrec import EmbeddingTable
@@ -102,10 +102,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     rep.add("tiered find / all-RAM find", f"{fig['tiered_over_ram']:.2f}",
             f"{median(rates['tiered']) / 1e6:.2f} vs {median(rates['ram']) / 1e6:.2f} M keys/s")
     rep.note(f"{rounds} rounds, medians; disk tier in {disk.parent}")
-    rep.print()
-    if args.json:
-        emit_json(fig)
-    return fig
+    return finish(rep, fig, args.json)
 
 
 if __name__ == "__main__":

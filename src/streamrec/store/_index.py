@@ -52,6 +52,7 @@ __all__ = [
     "make_room",
     "match",
     "publish",
+    "scan",
     "tag_of",
     "unlock",
     "unpublish",
@@ -153,25 +154,34 @@ def unlock(idx32: np.ndarray, b: int) -> None:
 
 
 @inline
+def scan(idx64: np.ndarray, idx32: np.ndarray, arena64: np.ndarray, key: int, b: int, tag: int
+         ) -> tuple[int, int]:
+    """``(slot, row)`` of ``key`` in bucket b, or ``(-1, -1)``: tag match, then key check.
+
+    Readers call it between their two version reads; the writer calls it bare.
+    """
+    m = match(idx64, b, tag)
+    while m != _ZERO:
+        s = np.int64(ctz(m))
+        r = np.int64(idx32[b, ROW0 + s])
+        if arena64[r, 0] == key:
+            return s, r
+        m &= m - _ONE
+    return np.int64(-1), np.int64(-1)
+
+
+@inline
 def locate(
     idx64: np.ndarray, idx32: np.ndarray, arena64: np.ndarray, key: int,
     b1: int, b2: int, tag: int,
 ) -> tuple[int, int, int]:
     """Writer only (no seqlock). ``(bucket, slot, row)`` of ``key``, or ``(-1, -1, -1)``."""
-    m = match(idx64, b1, tag)
-    while m != _ZERO:
-        s = np.int64(ctz(m))
-        r = np.int64(idx32[b1, ROW0 + s])
-        if arena64[r, 0] == key:
-            return b1, s, r
-        m &= m - _ONE
-    m = match(idx64, b2, tag)
-    while m != _ZERO:
-        s = np.int64(ctz(m))
-        r = np.int64(idx32[b2, ROW0 + s])
-        if arena64[r, 0] == key:
-            return b2, s, r
-        m &= m - _ONE
+    s, r = scan(idx64, idx32, arena64, key, b1, tag)
+    if r >= 0:
+        return b1, s, r
+    s, r = scan(idx64, idx32, arena64, key, b2, tag)
+    if r >= 0:
+        return b2, s, r
     return np.int64(-1), np.int64(-1), np.int64(-1)
 
 

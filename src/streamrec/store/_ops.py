@@ -31,6 +31,7 @@ from streamrec.store._index import (
     alt_bucket,
     hash_key,
     match,
+    scan,
     tag_of,
 )
 from streamrec.store._jit import (
@@ -108,22 +109,9 @@ def _find_one(
                 return _STALE
             continue
         barrier()
-        row = np.int64(-1)
-        m = match(idx64, b1, tag)
-        while m != _ZERO:
-            r = np.int64(idx32[b1, ROW0 + np.int64(ctz(m))])
-            if arena64[r, 0] == key:
-                row = r
-                break
-            m &= m - _ONE
+        _, row = scan(idx64, idx32, arena64, key, b1, tag)
         if row < 0:
-            m = match(idx64, b2, tag)
-            while m != _ZERO:
-                r = np.int64(idx32[b2, ROW0 + np.int64(ctz(m))])
-                if arena64[r, 0] == key:
-                    row = r
-                    break
-                m &= m - _ONE
+            _, row = scan(idx64, idx32, arena64, key, b2, tag)
         if row >= 0 and expired(arena32, row, ctx[CTX_EXPIRE_W], ctx[CTX_NOW]):
             row = -1
         if copy:
