@@ -56,6 +56,9 @@ class Region:
         MemoryError: not even ``min_nbytes`` could be reserved.
     """
 
+    _path: str | None = None  # the backing file, for file-backed regions
+    _file_size: int = 0  # bytes the backing file holds
+
     def __init__(self, nbytes: int, *, huge_pages: bool = True, min_nbytes: int = 0) -> None:
         want = max(_round_up(nbytes, _HUGE), _HUGE)
         floor = max(_round_up(min_nbytes, _HUGE), _HUGE)
@@ -111,12 +114,12 @@ class Region:
 
     @property
     def path(self) -> str | None:
-        return getattr(self, "_path", None)
+        return self._path
 
     @property
     def file_size(self) -> int:
         """Bytes the backing file holds (the whole region for anonymous memory)."""
-        return getattr(self, "_file_size", self.nbytes)
+        return self._file_size if self._path is not None else self.nbytes
 
     def ensure(self, size: int) -> None:
         """Make at least ``size`` bytes usable (file-backed: grow the file by 1/8 or more)."""
