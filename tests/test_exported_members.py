@@ -40,7 +40,10 @@ EXPECTED = {
     ],
     "streamrec.store": [
         "EmbeddingTable",
+        "SequenceStore",
         "TableStats",
+        "TierStats",
+        "TieredTable",
     ],
 }
 

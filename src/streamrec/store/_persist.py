@@ -57,7 +57,7 @@ FORMAT_VERSION = 1
 _MAGIC = 0x5352_4543_5441_424C  # "SRECTABL"
 _PAGE = 4096
 # state.bin, int64 words
-_S_MAGIC, _S_VERSION, _S_DIRTY, _S_INDEX_GEN, _S_BUCKETS, _S_INDEX_CRC, _S_EPOCH = range(7)
+_S_MAGIC, _S_VERSION, _S_DIRTY, _S_INDEX_GEN, _S_BUCKETS, _S_INDEX_CRC, _S_EPOCH, _S_CNT_CRC = range(8)
 _S_CNT = 8  # the table's counters start here
 _S_CNT_LEN = 4
 
@@ -183,6 +183,27 @@ class LiveFiles:
 
     # -- dirty flag ----------------------------------------------------------------------
 
+    def _counters_crc(self) -> int:
+        """crc32 of the words a clean close vouches for: index generation to epoch, and the counters."""
+        words = np.concatenate([self.state[_S_INDEX_GEN:_S_CNT_CRC], self.state[_S_CNT:_S_CNT + _S_CNT_LEN]])
+        return zlib.crc32(words.tobytes())
+
+    def check_counters(self, arena_rows: int, free_slots: int) -> None:
+        """Refuse counters that a clean close did not write, or that do not add up."""
+        where = str(self.root / "state.bin")
+        if self._counters_crc() != int(self.state[_S_CNT_CRC]):
+            raise SnapshotError("counters checksum mismatch", path=where)
+        high, nfree, live = (int(x) for x in self.counters()[:3])
+        if not (live >= 0 and nfree >= 0 and live + nfree == high):
+            raise SnapshotError(f"counters do not add up: {live} live + {nfree} free != {high} rows",
+                                path=where)
+        if high > arena_rows:
+            raise SnapshotError(f"arena.bin holds {arena_rows} rows, fewer than its {high}",
+                                path=str(self.root / "arena.bin"))
+        if nfree > free_slots:
+            raise SnapshotError(f"free.bin holds {free_slots} entries, fewer than its {nfree}",
+                                path=str(self.root / "free.bin"))
+
     def mark_dirty(self) -> None:
         if not self.state[_S_DIRTY]:
             self.state[_S_DIRTY] = 1
@@ -193,6 +214,7 @@ class LiveFiles:
         for r in regions:
             r.flush()
         self.state[_S_INDEX_CRC] = index_digest(index)
+        self.state[_S_CNT_CRC] = self._counters_crc()
         self._state_region.flush()
         self.state[_S_DIRTY] = 0
         self._state_region.flush()

@@ -178,9 +178,8 @@ class TableFiles:
             self._epoch = files.epoch
             region, buckets = files.current_index()
             self._use_files(files, IndexGeneration(buckets, False, region))
-            high = int(self._cnt[CNT_HIGH])
-            if self._arena.file_size < high * self._layout.row_bytes:
-                raise SnapshotError(f"arena.bin holds fewer than its {high} rows", path=str(path))
+            files.check_counters(self._arena.file_size // self._layout.row_bytes,
+                                 self._free_region.file_size // 4)
             self._refile_expiries()
             return self
         raise SnapshotError("neither a snapshot (no CURRENT) nor a live table directory (no TABLE.json)",
