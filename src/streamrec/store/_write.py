@@ -72,16 +72,19 @@ def _remove(
     idx32: np.ndarray, idx8: np.ndarray, arena64: np.ndarray, arena32: np.ndarray,
     arenav: np.ndarray, cnt: np.ndarray, free: np.ndarray, voff: int, dim: int,
     b: int, s: int, r: int, ev_keys: np.ndarray, ev_vals: np.ndarray, ctx: np.ndarray,
+    ev_why: np.ndarray, why: int,
 ) -> None:
     """Take the key at (b, s) -> row r out of the table, reporting it if asked.
 
-    Reports into ev_keys/ev_vals while they have room: ev_vals's width is D, or
-    D + the optimizer state's width to carry the whole row (tier demotion).
+    Reports into ev_keys/ev_vals/ev_why while they have room (``why``: 0 evicted,
+    1 expired): ev_vals's width is D, or D + the optimizer state's width to
+    carry the whole row (tier demotion).
     """
     unpublish(idx32, idx8, b, s)
     e = ctx[CTX_EVICTED]
     if e < ev_keys.shape[0]:
         ev_keys[e] = arena64[r, 0]
+        ev_why[e] = why
         if ev_vals.shape[0] > e:
             src = arenav[r, voff:]
             for d in range(ev_vals.shape[1]):  # the embedding, and the optimizer state if asked
@@ -98,8 +101,9 @@ def _evict_one(
     idx64: np.ndarray, idx32: np.ndarray, idx8: np.ndarray, arena64: np.ndarray,
     arena32: np.ndarray, arenav: np.ndarray, cnt: np.ndarray, free: np.ndarray,
     voff: int, dim: int, ctx: np.ndarray, ev_keys: np.ndarray, ev_vals: np.ndarray,
+    ev_why: np.ndarray,
 ) -> bool:
-    """Evict one row chosen by the policy; False if none could be found."""
+    """Evict one row chosen by the policy (an expired one is reported as expired)."""
     victim = pick_victim(arena32, cnt[CNT_HIGH], ctx)
     if victim < 0:
         return False
@@ -111,7 +115,9 @@ def _evict_one(
     b, s, r = locate(idx64, idx32, arena64, key, b1, alt_bucket(b1, t, mask), t)
     if r != victim:
         return False
-    _remove(idx32, idx8, arena64, arena32, arenav, cnt, free, voff, dim, b, s, r, ev_keys, ev_vals, ctx)
+    why = 1 if expired(arena32, r, ctx[CTX_EXPIRE_W], ctx[CTX_NOW]) else 0
+    _remove(idx32, idx8, arena64, arena32, arenav, cnt, free, voff, dim, b, s, r,
+            ev_keys, ev_vals, ctx, ev_why, why)
     return True
 
 
@@ -123,14 +129,15 @@ def write_batch(
     vals: np.ndarray, out: np.ndarray, flags: np.ndarray,
     init_kind: int, init_a: float, init_b: float, init_seed: int,
     opt: int, hp: np.ndarray, nodes: np.ndarray, ctx: np.ndarray, expires: np.ndarray,
-    ev_keys: np.ndarray, ev_vals: np.ndarray, sketch: np.ndarray,
+    ev_keys: np.ndarray, ev_vals: np.ndarray, ev_why: np.ndarray, sketch: np.ndarray,
 ) -> tuple[int, int]:
     """Writer only. Apply one write ``mode`` to keys[start:], in order.
 
     Modes and what ``flags[i]`` records:
       FIND_OR_INSERT: copy the (possibly new) row's embedding to out[i]; flags =
-        inserted. With admission on, an unseen-enough key gets the initializer's
-        values in out[i] but no row.
+        inserted. A new row starts from vals[i] when vals has B rows (a caller's
+        initializer), else from the initializer. With admission on, an
+        unseen-enough key gets those values in out[i] but no row.
       INSERT_OR_ASSIGN: write vals[i] (width W: the embedding, or embedding and
         optimizer state when W > D); new rows get fresh optimizer state; flags = inserted.
       ASSIGN: like INSERT_OR_ASSIGN but absent keys are skipped; flags = found.
@@ -158,6 +165,7 @@ def write_batch(
     policy = ctx[CTX_POLICY]
     max_live = ctx[CTX_MAX_LIVE]
     one_expiry = expires.shape[0] == 1
+    given = mode == MODE_FIND_OR_INSERT and vals.shape[0] == n  # new rows' values from the caller
     b1s = np.empty(GROUP, np.int64)
     b2s = np.empty(GROUP, np.int64)
     tags = np.empty(GROUP, np.uint64)
@@ -183,13 +191,17 @@ def write_batch(
                     flags[i] = False
                     if mode == MODE_ERASE:
                         _remove(idx32, idx8, arena64, arena32, arenav, cnt, free, voff, dim,
-                                b, s, r, ev_keys[:0], ev_vals[:0], ctx)
+                                b, s, r, ev_keys[:0], ev_vals[:0], ctx, ev_why, 1)
                     continue
                 # Reborn: the expired row becomes the key's new row in place.
                 lock(idx32, b)
                 if mode == MODE_FIND_OR_INSERT:
-                    init_values(arenav[r, voff:], dim, key, init_kind, init_a, init_b, init_seed)
                     src = arenav[r, voff:]
+                    if given:
+                        for d in range(dim):
+                            src[d] = vals[i, d]
+                    else:
+                        init_values(src, dim, key, init_kind, init_a, init_b, init_seed)
                     for d in range(dim):
                         out[i, d] = src[d]
                 else:
@@ -213,7 +225,7 @@ def write_batch(
                     touch(arena32, r, policy, now, ctx[CTX_DECAY_MIN])
                 elif mode == MODE_ERASE:
                     _remove(idx32, idx8, arena64, arena32, arenav, cnt, free, voff, dim,
-                            b, s, r, ev_keys[:0], ev_vals[:0], ctx)
+                            b, s, r, ev_keys[:0], ev_vals[:0], ctx, ev_why, 0)
                 else:
                     lock(idx32, b)
                     dst = arenav[r, voff:]
@@ -229,12 +241,16 @@ def write_batch(
             if mode >= MODE_ASSIGN:
                 continue
             if mode == MODE_FIND_OR_INSERT and ctx[CTX_ADMIT] > 0 and not admit(sketch, key, ctx[CTX_ADMIT]):
-                init_values(out[i], dim, key, init_kind, init_a, init_b, init_seed)
+                if given:
+                    for d in range(dim):
+                        out[i, d] = vals[i, d]
+                else:
+                    init_values(out[i], dim, key, init_kind, init_a, init_b, init_seed)
                 ctx[CTX_REFUSED] += 1
                 continue
             if max_live > 0 and cnt[CNT_LIVE] >= max_live:
                 _evict_one(idx64, idx32, idx8, arena64, arena32, arenav, cnt, free, voff, dim,
-                           ctx, ev_keys, ev_vals)
+                           ctx, ev_keys, ev_vals, ev_why)
             b, s = make_room(idx64, idx32, idx8, b1s[j], b2s[j], mask, nodes)
             if b < 0:
                 return _INDEX_FULL, i
@@ -254,7 +270,11 @@ def write_batch(
                 arena32[r, exp_w] = np.uint32(exp)
             dst = arenav[r, voff:]
             if mode == MODE_FIND_OR_INSERT:
-                init_values(dst, dim, key, init_kind, init_a, init_b, init_seed)
+                if given:
+                    for d in range(dim):
+                        dst[d] = vals[i, d]
+                else:
+                    init_values(dst, dim, key, init_kind, init_a, init_b, init_seed)
                 for d in range(dim):
                     out[i, d] = dst[d]
             else:
@@ -363,7 +383,7 @@ def reclaim_keys(
     idx64: np.ndarray, idx32: np.ndarray, idx8: np.ndarray, arena64: np.ndarray,
     arena32: np.ndarray, arenav: np.ndarray, cnt: np.ndarray, free: np.ndarray,
     voff: int, dim: int, keys: np.ndarray, ctx: np.ndarray,
-    ev_keys: np.ndarray, ev_vals: np.ndarray,
+    ev_keys: np.ndarray, ev_vals: np.ndarray, ev_why: np.ndarray,
 ) -> int:
     """Writer only. Remove each of ``keys`` whose row has expired; report them.
 
@@ -391,7 +411,7 @@ def reclaim_keys(
             b, s, r = locate(idx64, idx32, arena64, key, b1, alt_bucket(b1, t, mask), t)
             if r >= 0 and expired(arena32, r, exp_w, now):
                 _remove(idx32, idx8, arena64, arena32, arenav, cnt, free, voff, dim,
-                        b, s, r, ev_keys, ev_vals, ctx)
+                        b, s, r, ev_keys, ev_vals, ctx, ev_why, 1)
                 removed += 1
     return removed
 

@@ -401,21 +401,18 @@ class EmbeddingTable(TableFiles):
             self._write(k, MODE_FIND_OR_INSERT, self._no_vals, values, flags, None)
             return values
         with self._lock:
-            present = self.contains(k)
-            missing = np.unique(k[~present])
-            if missing.size:
-                new = as_matrix(self._init_fn(missing.copy()), missing.size, self.dim, self.dtype,
+            # Only the absent keys are shown to the initializer, once each; the
+            # kernel then runs the normal path (eviction, admission, TTL) with
+            # those rows as the new rows' values.
+            absent = ~self.contains(k)
+            uniq, where = np.unique(k[absent], return_inverse=True)
+            vals = np.zeros((k.shape[0], self.dim), dtype=self.dtype)
+            if uniq.size:
+                new = as_matrix(self._init_fn(uniq.copy()), uniq.size, self.dim, self.dtype,
                                 "initializer(keys) result")
-                try:
-                    self._write_locked(missing, MODE_INSERT_OR_ASSIGN, new, self._no_vals,
-                                       np.empty(missing.size, dtype=np.bool_), None)
-                except TableFull as exc:  # translate the position to the caller's batch
-                    stored = present | np.isin(k, missing[: exc.position])
-                    first = int(np.argmin(stored)) if not stored.all() else k.shape[0]
-                    raise TableFull(rows=exc.rows, max_rows=exc.max_rows,
-                                    load_factor=exc.load_factor, position=first) from None
-            found = np.empty(k.shape[0], dtype=np.bool_)
-            self._read(k, values, found, copy=True)
+                vals[absent] = new[where]
+            flags = np.empty(k.shape[0], dtype=np.bool_)
+            self._write_locked(k, MODE_FIND_OR_INSERT, vals, values, flags, None)
         return values
 
     def insert_or_assign(self, keys: Any, values: Any, ttl_s: Any = None) -> np.ndarray:
@@ -567,6 +564,7 @@ class EmbeddingTable(TableFiles):
         evicting = mode in (MODE_FIND_OR_INSERT, MODE_INSERT_OR_ASSIGN) and self.config.max_live_rows > 0
         ev_keys = np.empty(keys.shape[0] if evicting else 0, dtype=np.uint64)
         ev_vals = np.empty((ev_keys.size if self._on_evict else 0, self._evict_width), dtype=self.dtype)
+        ev_why = np.empty(ev_keys.size, dtype=np.uint8)
         pos = 0
         kind, a, b, seed = self._init
         try:
@@ -576,7 +574,7 @@ class EmbeddingTable(TableFiles):
                     ix.idx64, ix.idx32, ix.idx8, self._arena64, self._arena32, self._arenav,
                     self._cnt, self._free, self._layout.voff, self.dim, keys, pos, mode,
                     vals, out, flags, kind, a, b, seed, self._opt, self._hp, self._nodes,
-                    ctx, expires, ev_keys, ev_vals, self._sketch,
+                    ctx, expires, ev_keys, ev_vals, ev_why, self._sketch,
                 )
                 if status == Status.OK:
                     break
@@ -588,13 +586,14 @@ class EmbeddingTable(TableFiles):
                                 load_factor=self.load_factor, position=int(pos))
         finally:
             self._template_rng(ctx)
-            self._after_write(keys[:pos], mode, flags[:pos], expires, ctx, ev_keys, ev_vals)
+            self._after_write(keys[:pos], mode, flags[:pos], expires, ctx, ev_keys, ev_vals, ev_why)
 
     def _template_rng(self, ctx: np.ndarray) -> None:
         self._ctx_template[CTX_RNG] = ctx[CTX_RNG]
 
     def _after_write(self, keys: np.ndarray, mode: int, flags: np.ndarray, expires: np.ndarray,
-                     ctx: np.ndarray, ev_keys: np.ndarray, ev_vals: np.ndarray) -> None:
+                     ctx: np.ndarray, ev_keys: np.ndarray, ev_vals: np.ndarray,
+                     ev_why: np.ndarray) -> None:
         """File new expiries, count admissions, report evictions (writer lock held)."""
         if mode == MODE_FIND_OR_INSERT and self.config.admit_after:
             self._sightings += keys.size
@@ -609,9 +608,21 @@ class EmbeddingTable(TableFiles):
             self._wheel.file(written, exp)
         n_ev = int(ctx[CTX_EVICTED])
         if n_ev:
-            self._evicted += n_ev
+            self._report(ev_keys[:n_ev], ev_vals[:n_ev], ev_why[:n_ev])
+
+    def _report(self, keys: np.ndarray, vals: np.ndarray, why: np.ndarray) -> None:
+        """Count removed keys and hand them to ``on_evict``, evicted ones first."""
+        for code, reason in ((0, "evicted"), (1, "expired")):
+            sel = why == code
+            n = int(np.count_nonzero(sel))
+            if not n:
+                continue
+            if code == 0:
+                self._evicted += n
+            else:
+                self._expired += n
             if self._on_evict is not None:
-                self._on_evict(ev_keys[:n_ev], ev_vals[:n_ev], "evicted")
+                self._on_evict(keys[sel], vals[sel] if vals.shape[0] else vals, reason)
 
     def _rebuild(self, buckets: int) -> None:
         """Writer only. Build a larger index from the arena, then swap it in."""
@@ -644,13 +655,13 @@ class EmbeddingTable(TableFiles):
         ctx = self._ctx()
         ev_keys = np.empty(keys.size, dtype=np.uint64)
         ev_vals = np.empty((keys.size if self._on_evict else 0, self._evict_width), dtype=self.dtype)
+        ev_why = np.empty(keys.size, dtype=np.uint8)
         ix = self._index
         n = int(reclaim_keys(ix.idx64, ix.idx32, ix.idx8, self._arena64, self._arena32, self._arenav,
                              self._cnt, self._free, self._layout.voff, self.dim, keys, ctx,
-                             ev_keys, ev_vals))
-        self._expired += n
-        if n and self._on_evict is not None:
-            self._on_evict(ev_keys[:n], ev_vals[:n], "expired")
+                             ev_keys, ev_vals, ev_why))
+        if n:
+            self._report(ev_keys[:n], ev_vals[:n], ev_why[:n])
         return n
 
 

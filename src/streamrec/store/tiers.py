@@ -77,6 +77,10 @@ class TieredTable:
                  eviction: str = "lru", **table: Any) -> None:
         if not (isinstance(ram_rows, int) and ram_rows >= 1):
             raise ValueError(f"ram_rows: expected an int >= 1, got {ram_rows!r}")
+        if table.get("ttl_s"):
+            # A row moving between tiers would restart its TTL (each tier stamps
+            # its own writes): refused until expiries travel with demoted rows.
+            raise ValueError("ttl_s: tiered tables do not support a TTL yet")
         self._lock = threading.RLock()
         self._demoted = 0
         self._promoted = 0
@@ -95,16 +99,27 @@ class TieredTable:
             self.disk.import_chunks([(keys, rows)], include_state=True)
             self._demoted += keys.size
 
-    def _promote(self, keys: np.ndarray) -> np.ndarray:
-        """Move the given keys' rows from disk to RAM; returns which were on disk."""
-        rows, on_disk = self.disk.find(keys, include_state=True)
-        if on_disk.any():
-            k, r = keys[on_disk], rows[on_disk]
-            # Off the disk first: the RAM insert may demote rows, even these, to disk.
-            self.disk.erase(k)
-            self.ram.import_chunks([(k, r)], include_state=True)
-            self._promoted += int(k.size)
-        return on_disk
+    def _promote(self, keys: np.ndarray, rows: np.ndarray) -> None:
+        """Move ``keys`` (unique, on disk) with their full ``rows`` to RAM.
+
+        Off the disk first: the RAM insert may demote rows, these included, to
+        disk, and each key must sit in exactly one tier at every step.
+        """
+        if keys.size:
+            self.disk.erase(keys)
+            self.ram.import_chunks([(keys, rows)], include_state=True)
+            self._promoted += int(keys.size)
+
+    def _gather(self, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Current full rows of unique ``keys``: (rows (n, D+S), in_ram, on_disk)."""
+        rows, in_ram = self.ram.find(keys, include_state=True)
+        on_disk = np.zeros(keys.size, dtype=np.bool_)
+        miss = np.flatnonzero(~in_ram)
+        if miss.size:
+            disk_rows, hit = self.disk.find(keys[miss], include_state=True)
+            rows[miss[hit]] = disk_rows[hit]
+            on_disk[miss[hit]] = True
+        return rows, in_ram, on_disk
 
     def find(self, keys: Any, out: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Embeddings of ``keys`` from either tier; rows found on disk move to RAM.
@@ -119,18 +134,14 @@ class TieredTable:
             if n_ram == k.size:
                 return values, found
             miss = np.flatnonzero(~found)
-            mk = k[miss]
-            rows, on_disk = self.disk.find(mk, include_state=True)
-            values[miss] = rows[:, : self.dim]
-            found[miss] = on_disk
-            hits = int(np.count_nonzero(on_disk))
+            uniq, where = np.unique(k[miss], return_inverse=True)
+            rows, on_disk = self.disk.find(uniq, include_state=True)
+            values[miss] = rows[where, : self.dim]
+            found[miss] = on_disk[where]
+            hits = int(np.count_nonzero(on_disk[where]))
             self._disk_hits += hits
-            self._misses += mk.size - hits
-            if hits:
-                hk = mk[on_disk]
-                self.disk.erase(hk)
-                self.ram.import_chunks([(hk, rows[on_disk])], include_state=True)
-                self._promoted += hits
+            self._misses += miss.size - hits
+            self._promote(uniq[on_disk], rows[on_disk])
             return values, found
 
     def contains(self, keys: Any) -> np.ndarray:
@@ -139,26 +150,57 @@ class TieredTable:
             return self.ram.contains(k) | self.disk.contains(k)
 
     def find_or_insert(self, keys: Any) -> np.ndarray:
-        """Embeddings of ``keys``, promoting rows from disk and creating absent ones in RAM."""
+        """Embeddings of ``keys``: rows on disk move to RAM, absent ones are created in RAM.
+
+        Values are taken before anything moves, so a key of the batch that a
+        promotion pushes back to disk still returns its row.
+        """
         k = as_keys(keys)
         with self._lock:
-            self._promote(k[~self.ram.contains(k)])
-            return self.ram.find_or_insert(k)
+            uniq, where = np.unique(k, return_inverse=True)
+            rows, in_ram, on_disk = self._gather(uniq)
+            out = rows[:, : self.dim].copy()
+            self._promote(uniq[on_disk], rows[on_disk])
+            new = ~(in_ram | on_disk)
+            if new.any():
+                out[new] = self.ram.find_or_insert(uniq[new])
+            return out[where]
 
     def insert_or_assign(self, keys: Any, values: Any) -> np.ndarray:
-        """Write rows to RAM (a stale disk copy is dropped). Returns the keys new to both tiers."""
+        """Write rows to RAM, keeping each existing key's optimizer state (from either tier).
+
+        For a key repeated in the batch the last value wins. Returns (B,) mask
+        of the keys new to both tiers.
+        """
         k = as_keys(keys)
         v = as_matrix(values, k.shape[0], self.dim, self.ram.dtype, "values")
         with self._lock:
-            was_on_disk = self.disk.erase(k)
-            return self.ram.insert_or_assign(k, v) & ~was_on_disk
+            # the last occurrence of each key: unique over the reversed batch
+            rev_uniq, rev_first = np.unique(k[::-1], return_index=True)
+            uniq, last = rev_uniq, k.shape[0] - 1 - rev_first
+            rows, in_ram, on_disk = self._gather(uniq)
+            old = in_ram | on_disk
+            rows[:, : self.dim] = v[last]
+            self.disk.erase(uniq[on_disk])
+            self.ram.import_chunks([(uniq[old], rows[old])], include_state=True)
+            if (~old).any():
+                self.ram.insert_or_assign(uniq[~old], rows[~old, : self.dim])
+            return ~np.isin(k, uniq[old])
 
     def apply_gradients(self, keys: Any, grads: Any, lr: float) -> np.ndarray:
-        """An optimizer step on rows of either tier (disk rows are promoted first)."""
+        """An optimizer step on rows wherever they are; no row moves.
+
+        Each key's gradients (summed over repeats) are applied by the tier that
+        holds it. Returns (B,) mask of the keys found in either tier.
+        """
         k = as_keys(keys)
+        g = as_matrix(grads, k.shape[0], self.dim, self.ram.dtype, "grads")
         with self._lock:
-            self._promote(k[~self.ram.contains(k)])
-            return self.ram.apply_gradients(k, grads, lr)
+            found = self.ram.apply_gradients(k, g, lr)
+            rest = np.flatnonzero(~found)
+            if rest.size:
+                found[rest] = self.disk.apply_gradients(k[rest], g[rest], lr)
+            return found
 
     def erase(self, keys: Any) -> np.ndarray:
         k = as_keys(keys)
