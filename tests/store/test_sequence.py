@@ -18,7 +18,7 @@ from numpy.testing import assert_array_equal
 
 from streamrec.errors import CorruptFile, SnapshotError
 from streamrec.store import sequence
-from streamrec.store._files import read_snapshot, write_snapshot
+from streamrec.store._files import read_snapshot, snapshot_info, write_snapshot
 from streamrec.store._sequence_kernels import C_CAP, C_NSLOTS
 from streamrec.store.sequence import SequenceStore
 
@@ -336,7 +336,8 @@ def test_snapshot_round_trip(tmp_path: Path) -> None:
     clock = FakeClock()
     s = _filled(clock)
     users = np.arange(410, dtype=np.uint64)
-    gen = s.snapshot(tmp_path)
+    assert s.snapshot(tmp_path) == tmp_path
+    gen = snapshot_info(tmp_path).path
     assert gen.parent == tmp_path
     t = SequenceStore.open(tmp_path, clock=clock, huge_pages=False)
     assert t.fields == s.fields and t.max_len == s.max_len and t.ttl_s == s.ttl_s
@@ -357,7 +358,8 @@ def test_corrupt_or_missing_snapshot_refused(tmp_path: Path) -> None:
     with pytest.raises(SnapshotError, match="no snapshot"):
         SequenceStore.open(tmp_path / "nothing")
     s = _filled()
-    gen = s.snapshot(tmp_path / "good")
+    s.snapshot(tmp_path / "good")
+    gen = snapshot_info(tmp_path / "good").path
     victim = gen / "c3_item.arr"
     data = bytearray(victim.read_bytes())
     data[4096 + 100] ^= 0x40  # one bit of the payload
@@ -562,3 +564,19 @@ def test_readers_see_whole_sequences_while_the_writer_appends() -> None:
     assert not errors, errors[:5]
     assert written.max() > max_len  # rings wrapped while readers read
     assert s._index.buckets > 2  # the index grew under the readers
+
+
+def test_appends_during_a_background_snapshot_stay_out_of_it(tmp_path: Path) -> None:
+    s = SequenceStore(max_len=50, huge_pages=False)
+    users = np.repeat(np.arange(200, dtype=np.uint64), 5)
+    s.append(users, users * 10, np.ones(users.size, np.uint8), np.arange(users.size))
+    before = s.read(np.arange(200, dtype=np.uint64))
+    job = s.snapshot(tmp_path, wait=False)
+    # while the child writes:
+    s.append(users, users * 11, np.full(users.size, 2, np.uint8), np.arange(users.size))
+    assert job.wait() == tmp_path
+    back = SequenceStore.open(tmp_path)
+    got = back.read(np.arange(200, dtype=np.uint64))
+    assert_array_equal(got[0], before[0])
+    for name in before[1]:
+        assert_array_equal(got[1][name], before[1][name])

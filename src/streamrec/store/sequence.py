@@ -80,9 +80,10 @@ import numpy as np
 
 from streamrec.errors import CorruptFile, SnapshotError, TableBusy, TableFull
 from streamrec.store._checks import as_keys
-from streamrec.store._files import read_snapshot, snapshot_info, write_snapshot
+from streamrec.store._files import read_snapshot, snapshot_info
 from streamrec.store._index import BUCKET_BYTES, MAX_BFS_NODES, ROW0, SLOTS, VER
 from streamrec.store._memory import Region
+from streamrec.store._persist import SnapshotJob, run_snapshot
 from streamrec.store._sequence_kernels import (
     C_BASE,
     C_CAP,
@@ -550,16 +551,17 @@ class SequenceStore:
 
     # -- persistence ---------------------------------------------------------------------------
 
-    def snapshot(self, root: str | os.PathLike[str]) -> Path:
+    def snapshot(self, root: str | os.PathLike[str], *, wait: bool = True) -> Path | SnapshotJob:
         """Write the store as a new generation of the snapshot directory ``root``.
 
         Atomic and checksummed (``_files.write_snapshot``): a crash leaves the
-        previous generation current. Holds the writer lock while the arrays are
-        written, straight from the store's memory (appends wait; readers do not).
-        What is written: the user rows, the free list, the index as it is (no
-        rehash on open), and each size class's slots in use, per field.
+        previous generation current. As tables do, the store forks under its
+        writer lock (milliseconds) and the child writes its copy-on-write image,
+        so appends and reads go on meanwhile. What is written: the user rows, the
+        free list, the index as it is (no rehash on open), and each size class's
+        slots in use, per field.
 
-        Returns: the new generation's directory.
+        Returns: ``root``, or with ``wait=False`` a ``SnapshotJob`` to ``wait()`` on.
         Raises: SnapshotError if it cannot be written.
         """
         with self._lock:
@@ -583,7 +585,12 @@ class SequenceStore:
                 "action_dtype": self._adt.name, "ttl_s": self.ttl_s, "max_users": self._max_users,
                 "buckets": ix.buckets,
             }
-            return write_snapshot(root, arrays, meta)
+            # The views above are taken under the lock; the forked child writes
+            # the memory they show as it was at the fork.
+            job = run_snapshot(root, lambda: arrays, meta, fork=True)
+        if isinstance(job, Path) or not wait:
+            return job
+        return job.wait()
 
     @classmethod
     def open(cls, root: str | os.PathLike[str], *, clock: Callable[[], float] | None = None,
