@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from streamrec.store._jit import barrier, ctz, inline, kernel
+from streamrec.store._jit import barrier, ctz, inline, kernel, prefetch
 from streamrec.store._memory import Region
 
 __all__ = [
@@ -52,6 +52,7 @@ __all__ = [
     "make_room",
     "match",
     "publish",
+    "rebuild_from",
     "scan",
     "tag_of",
     "unlock",
@@ -304,6 +305,48 @@ def make_room(
         n = p
     return free_b, free_s
 
+
+_REBUILD_GROUP = 16
+
+
+@kernel
+def rebuild_from(
+    idx64: np.ndarray, idx32: np.ndarray, idx8: np.ndarray, keys: np.ndarray, live: np.ndarray,
+    nodes: np.ndarray,
+) -> bool:
+    """Writer only. Fill an empty index with row r -> ``keys[r]`` for every ``live[r]``.
+
+    Rows are taken in order (their keys are read sequentially), in groups: hash
+    a group and prefetch its buckets, then place it. Tables and the sequence
+    store rebuild their index this way when it doubles.
+
+    Requires: keys uint64 (R,) (any stride: a column of a row arena), live bool (R,),
+    nodes int64 (MAX_BFS_NODES, 3).
+    Returns False if this size cannot hold them (the caller doubles and retries).
+    """
+    mask = np.uint64(idx64.shape[0] - 1)
+    n = keys.shape[0]
+    rows = np.empty(_REBUILD_GROUP, np.int64)
+    b1s = np.empty(_REBUILD_GROUP, np.int64)
+    tags = np.empty(_REBUILD_GROUP, np.uint64)
+    for base in range(0, n, _REBUILD_GROUP):
+        g = 0
+        for r in range(base, min(base + _REBUILD_GROUP, n)):
+            if not live[r]:
+                continue
+            h = hash_key(keys[r])
+            b1 = np.int64(h & mask)
+            rows[g] = r
+            b1s[g] = b1
+            tags[g] = tag_of(h)
+            prefetch(idx64, b1)
+            g += 1
+        for j in range(g):
+            b, s = make_room(idx64, idx32, idx8, b1s[j], alt_bucket(b1s[j], tags[j], mask), mask, nodes)
+            if b < 0:
+                return False
+            publish(idx32, idx8, b, s, tags[j], rows[j])
+    return True
 
 class IndexGeneration:
     """One index generation: its memory, the three views, and its retired flag.

@@ -90,7 +90,6 @@ __all__ = [
     "lengths_batch",
     "read_last_batch",
     "read_ragged",
-    "rebuild_index",
     "sweep",
 ]
 
@@ -554,43 +553,6 @@ def count_live(users32: np.ndarray, usersf: np.ndarray, high: int, now: float, t
         if users32[r, U_LC] > 0 and not _expired(usersf, r, now, ttl):
             c += 1
     return c
-
-
-@kernel
-def rebuild_index(idx64: np.ndarray, idx32: np.ndarray, idx8: np.ndarray, users64: np.ndarray,
-                  users32: np.ndarray, high: int, nodes: np.ndarray) -> int:
-    """Writer only. Insert every live user row below ``high`` into an empty index.
-
-    Rows are read in order (sequential), in groups: hash a group and prefetch
-    its buckets, then place it. Returns OK, or INDEX_FULL if this size cannot
-    hold them.
-    """
-    idx64, idx32, idx8 = _borrow(idx64), _borrow(idx32), _borrow(idx8)
-    mask = np.uint64(idx64.shape[0] - 1)
-    rows = np.empty(GROUP, np.int64)
-    b1s = np.empty(GROUP, np.int64)
-    tags = np.empty(GROUP, np.uint64)
-    for base in range(0, high, GROUP):
-        g = 0
-        for r in range(base, min(base + GROUP, high)):
-            if users32[r, U_LC] < 0:
-                continue
-            h = hash_key(users64[r, 0])
-            t = tag_of(h)
-            b1 = np.int64(h & mask)
-            rows[g] = r
-            b1s[g] = b1
-            tags[g] = t
-            prefetch(idx64, b1)
-            g += 1
-        for j in range(g):
-            b1 = b1s[j]
-            t = tags[j]
-            b, s = make_room(idx64, idx32, idx8, b1, alt_bucket(b1, t, mask), mask, nodes)
-            if b < 0:
-                return _INDEX_FULL
-            publish(idx32, idx8, b, s, t, rows[j])
-    return _OK
 
 
 # -- readers: any thread ---------------------------------------------------------------

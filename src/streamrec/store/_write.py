@@ -1,8 +1,8 @@
 """Writer kernels of the embedding table: batch writes, gradients, expiry, compaction.
 
 Owns: every kernel that changes a table (``write_batch``,
-``apply_gradients_batch``, ``reclaim_keys``, ``compact_step``,
-``rebuild_index``) and the bulk read ``export_rows``. Inputs are checked by
+``apply_gradients_batch``, ``reclaim_keys``, ``compact_step``) and the bulk
+read ``export_rows``; index rebuilds are ``_index.rebuild_from``. Inputs are checked by
 ``table.py`` (``Requires:`` lines say what); kernels return status codes.
 
 Thread safety: writer only. The caller holds the table's writer lock; readers
@@ -61,7 +61,6 @@ __all__ = [
     "apply_gradients_batch",
     "compact_step",
     "export_rows",
-    "rebuild_index",
     "reclaim_keys",
     "write_batch",
 ]
@@ -486,41 +485,3 @@ def export_rows(
                 vals_out[c, d] = src[d]
             c += 1
     return c
-
-
-@kernel
-def rebuild_index(
-    idx64: np.ndarray, idx32: np.ndarray, idx8: np.ndarray, arena64: np.ndarray,
-    arena32: np.ndarray, high: int, nodes: np.ndarray,
-) -> int:
-    """Writer only. Insert every live row below ``high`` into an empty index.
-
-    Rows are read in arena order (sequential, prefetch-friendly) rather than by
-    walking the old index, in groups: hash a group and prefetch its buckets,
-    then place it. Returns OK, or INDEX_FULL if this size cannot hold them.
-    """
-    mask = np.uint64(idx64.shape[0] - 1)
-    rows = np.empty(GROUP, np.int64)
-    b1s = np.empty(GROUP, np.int64)
-    tags = np.empty(GROUP, np.uint64)
-    for base in range(0, high, GROUP):
-        g = 0
-        for r in range(base, min(base + GROUP, high)):
-            if not (arena32[r, STAMP] & np.uint32(1)):
-                continue
-            h = hash_key(arena64[r, 0])
-            t = tag_of(h)
-            b1 = np.int64(h & mask)
-            rows[g] = r
-            b1s[g] = b1
-            tags[g] = t
-            prefetch(idx64, b1)
-            g += 1
-        for j in range(g):
-            b1 = b1s[j]
-            t = tags[j]
-            b, s = make_room(idx64, idx32, idx8, b1, alt_bucket(b1, t, mask), mask, nodes)
-            if b < 0:
-                return _INDEX_FULL
-            publish(idx32, idx8, b, s, t, rows[j])
-    return _OK

@@ -81,7 +81,15 @@ import numpy as np
 from streamrec.errors import CorruptFile, SnapshotError, TableBusy, TableFull
 from streamrec.store._checks import as_keys
 from streamrec.store._files import read_snapshot, snapshot_info
-from streamrec.store._index import BUCKET_BYTES, MAX_BFS_NODES, ROW0, SLOTS, VER
+from streamrec.store._index import (
+    BUCKET_BYTES,
+    MAX_BFS_NODES,
+    ROW0,
+    SLOTS,
+    VER,
+    IndexGeneration,
+    rebuild_from,
+)
 from streamrec.store._memory import Region
 from streamrec.store._persist import SnapshotJob, run_snapshot
 from streamrec.store._sequence_kernels import (
@@ -107,7 +115,6 @@ from streamrec.store._sequence_kernels import (
     lengths_batch,
     read_last_batch,
     read_ragged,
-    rebuild_index,
     sweep,
 )
 
@@ -128,18 +135,11 @@ _SWEEP_MIN_ROWS = 1024  # ...and at least this many per append call
 _SNAPSHOT_FORMAT = "streamrec.SequenceStore/1"  # meta["format"] of snapshots this build reads
 
 
-class _Index:
-    """One generation of the user index: its memory, the three views, its retired flag."""
+class _Index(IndexGeneration):
+    """One generation of the user index, with its views grouped as the kernels take them."""
 
     def __init__(self, buckets: int, huge_pages: bool) -> None:
-        self.region = Region(buckets * BUCKET_BYTES, huge_pages=huge_pages)
-        self.idx64 = self.region.array(np.uint64, (buckets, BUCKET_BYTES // 8))
-        self.idx32 = self.region.array(np.uint32, (buckets, BUCKET_BYTES // 4))
-        self.idx8 = self.region.array(np.uint8, (buckets, BUCKET_BYTES))
-        # Set to 1 (once, by the writer) when a newer index replaces this one;
-        # readers still on it see the flag and restart on the new one.
-        self.retired = np.zeros(1, dtype=np.int64)
-        self.buckets = buckets
+        super().__init__(buckets, huge_pages)
         self.writer = (self.idx64, self.idx32, self.idx8)  # as the writer kernels take it
         self.readers = (self.idx64, self.idx32, self.retired)  # as the reader kernels take it
 
@@ -531,9 +531,9 @@ class SequenceStore:
         """Writer only. Build a larger index from the user rows, then swap it in."""
         while True:
             new = _Index(buckets, self._huge)
-            status = rebuild_index(new.idx64, new.idx32, new.idx8, self._users64, self._users32,
-                                   int(self._cnt[CNT_HIGH]), self._nodes)
-            if status == Status.OK:
+            high = int(self._cnt[CNT_HIGH])
+            if rebuild_from(new.idx64, new.idx32, new.idx8, self._users64[:high, 0],
+                            self._users32[:high, U_LC] >= 0, self._nodes):
                 break
             buckets *= 2
         old, self._index = self._index, new

@@ -52,7 +52,7 @@ from streamrec.store._evict import (
     POLICY_NONE,
 )
 from streamrec.store._expiry import ExpiryWheel
-from streamrec.store._index import BUCKET_BYTES, MAX_BFS_NODES, SLOTS, IndexGeneration
+from streamrec.store._index import BUCKET_BYTES, MAX_BFS_NODES, SLOTS, IndexGeneration, rebuild_from
 from streamrec.store._memory import Region
 from streamrec.store._ops import (
     CNT_FREE,
@@ -66,12 +66,11 @@ from streamrec.store._ops import (
     find_batch,
 )
 from streamrec.store._persist import LiveFiles
-from streamrec.store._rows import RowLayout, init_params, optimizer_params
+from streamrec.store._rows import STAMP, RowLayout, init_params, optimizer_params
 from streamrec.store._table_files import TableFiles
 from streamrec.store._write import (
     apply_gradients_batch,
     compact_step,
-    rebuild_index,
     reclaim_keys,
     write_batch,
 )
@@ -629,9 +628,9 @@ class EmbeddingTable(TableFiles):
         while True:
             region = self._files.new_index(buckets, buckets * BUCKET_BYTES) if self._files else None
             new = IndexGeneration(buckets, self.config.huge_pages, region)
-            status = rebuild_index(new.idx64, new.idx32, new.idx8, self._arena64, self._arena32,
-                                   int(self._cnt[CNT_HIGH]), self._nodes)
-            if status == Status.OK:
+            high = int(self._cnt[CNT_HIGH])
+            live = (self._arena32[:high, STAMP] & 1).astype(np.bool_)
+            if rebuild_from(new.idx64, new.idx32, new.idx8, self._arena64[:high, 0], live, self._nodes):
                 break
             buckets *= 2
         old, self._index = self._index, new
