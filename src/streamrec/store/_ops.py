@@ -20,10 +20,13 @@ writer lock).
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
 from enum import IntEnum
 
 import numpy as np
 
+from streamrec.errors import TableBusy
 from streamrec.store._evict import CTX_DECAY_MIN, CTX_EXPIRE_W, CTX_NOW, CTX_POLICY, expired, touch
 from streamrec.store._index import (
     ROW0,
@@ -57,7 +60,31 @@ __all__ = [
     "PROBE_AHEAD",
     "Status",
     "find_batch",
+    "retry_reader",
 ]
+
+
+_BUSY_PATIENCE_S = 2.0  # how long a reader waits on a locked bucket before giving up
+
+
+def retry_reader(call: Callable[[], int], busy: int = 4) -> None:
+    """Run a reader kernel until it reports OK (0): again at once on any other
+    code, yielding the GIL on ``busy``; raise TableBusy after 2 s of busy.
+
+    ``call`` must read the current index each time, so a STALE retry lands on
+    the new one. Tables and the sequence store both read through this.
+    """
+    started = 0.0
+    while True:
+        status = call()
+        if status == 0:
+            return
+        if status == busy:
+            now = time.monotonic()
+            started = started or now
+            if now - started > _BUSY_PATIENCE_S:
+                raise TableBusy(waited_s=now - started)
+            time.sleep(0)
 
 
 class Status(IntEnum):

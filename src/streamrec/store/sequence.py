@@ -78,7 +78,7 @@ from typing import Any
 
 import numpy as np
 
-from streamrec.errors import CorruptFile, SnapshotError, TableBusy, TableFull
+from streamrec.errors import CorruptFile, SnapshotError, TableFull
 from streamrec.store._checks import as_keys
 from streamrec.store._files import read_snapshot, snapshot_info
 from streamrec.store._index import (
@@ -91,6 +91,7 @@ from streamrec.store._index import (
     rebuild_from,
 )
 from streamrec.store._memory import Region
+from streamrec.store._ops import retry_reader
 from streamrec.store._persist import SnapshotJob, run_snapshot
 from streamrec.store._sequence_kernels import (
     C_BASE,
@@ -128,7 +129,6 @@ _MIN_CLASS_EVENTS = 1 << 20  # the least per class if the reservation is refused
 _DEFAULT_MAX_USERS = 1 << 30  # user rows reserved (address space only: 32 GiB)
 _MAX_USERS_LIMIT = (1 << 32) - 1  # row numbers are uint32 in the bucket
 _RESERVE_LOAD = 0.9  # capacity_users sizes the index for this load
-_BUSY_PATIENCE_S = 2.0
 _LOCK_FREE_TRIES = 3  # ragged reads re-sized this often before taking the writer lock
 _SWEEP_ROWS_PER_EVENT = 2  # expiry sweep: rows visited per appended event...
 _SWEEP_MIN_ROWS = 1024  # ...and at least this many per append call
@@ -436,17 +436,7 @@ class SequenceStore:
 
     def _reader(self, call: Callable[[_Index], int]) -> None:
         """Run a reader kernel on the current index, again on STALE, with patience on BUSY."""
-        started = 0.0
-        while True:
-            status = call(self._index)
-            if status == Status.OK:
-                return
-            if status == Status.BUSY:
-                now = time.monotonic()
-                started = started or now
-                if now - started > _BUSY_PATIENCE_S:
-                    raise TableBusy(waited_s=now - started)
-                time.sleep(0)
+        retry_reader(lambda: int(call(self._index)), Status.BUSY)
 
     # -- writes: serialised by the writer lock ------------------------------------------------
 

@@ -32,7 +32,7 @@ from streamrec.config import (
     Optimizer,
     TableConfig,
 )
-from streamrec.errors import ConfigError, TableBusy, TableFull
+from streamrec.errors import ConfigError, TableFull
 from streamrec.store._checks import as_keys, as_matrix, as_out
 from streamrec.store._evict import (
     CTX_ADMIT,
@@ -64,6 +64,7 @@ from streamrec.store._ops import (
     MODE_INSERT_OR_ASSIGN,
     Status,
     find_batch,
+    retry_reader,
 )
 from streamrec.store._persist import LiveFiles
 from streamrec.store._rows import STAMP, RowLayout, init_params, optimizer_params
@@ -84,7 +85,6 @@ Clock = Callable[[], float]
 _DEFAULT_MAX_ROWS = 1 << 31  # address space only; see TableConfig.max_rows
 _MAX_ROWS_LIMIT = (1 << 32) - 1  # row numbers are uint32 in the bucket
 _RESERVE_LOAD = 0.9  # reserve()/capacity size the index for this load
-_BUSY_PATIENCE_S = 2.0
 _COMPACT_STEP = 65536  # rows moved per writer-lock hold while compacting
 
 
@@ -366,21 +366,12 @@ class EmbeddingTable(TableFiles):
         return found
 
     def _read(self, keys: np.ndarray, out: np.ndarray, found: np.ndarray, copy: bool) -> None:
-        started = 0.0
-        while True:
-            ix = self._index
-            status = find_batch(
-                ix.idx64, ix.idx32, ix.retired, self._arena64, self._arenav,
-                self._layout.voff, keys, out, found, copy, self._ctx(),
-            )
-            if status == Status.OK:
-                return
-            if status == Status.BUSY:
-                now = time.monotonic()
-                started = started or now
-                if now - started > _BUSY_PATIENCE_S:
-                    raise TableBusy(waited_s=now - started)
-                time.sleep(0)
+        def once() -> int:
+            ix = self._index  # the current index on every try: STALE retries land on the new one
+            return int(find_batch(ix.idx64, ix.idx32, ix.retired, self._arena64, self._arenav,
+                                  self._layout.voff, keys, out, found, copy, self._ctx()))
+
+        retry_reader(once, Status.BUSY)
 
     # -- writes: serialised by the writer lock --------------------------------------
 
