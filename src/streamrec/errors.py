@@ -10,9 +10,17 @@ The tree::
     └── StoreError                  a table or store cannot do what was asked
         ├── TableFull               no row or index room left; carries the counts
         ├── TableBusy               a bucket stayed locked past the reader's patience
-        └── SnapshotError           a table's files cannot be written or trusted
-            └── CorruptFile         a file is torn, truncated or fails its checksum;
-                                    names the file and the problem
+    │   └── SnapshotError           a table's files cannot be written or trusted
+    │       └── CorruptFile         a file is torn, truncated or fails its checksum;
+    │                               names the file and the problem
+    └── TransportError              moving a frame to or from a peer failed
+        ├── FrameError              a frame is malformed, truncated or oversized;
+        │                           carries the status code to answer with
+        ├── PeerUnavailable         the peer cannot be reached on this transport
+        │                           (connect refused, connection lost, segment gone)
+        ├── DeadlineExceeded        no reply within the call's deadline
+        └── RemoteError             the peer answered with an error frame; carries
+                                    its status code and message
 
 Input checks at public entry points raise the builtin ``TypeError`` or
 ``ValueError`` (what callers expect from a numpy-style API); the message says
@@ -27,11 +35,16 @@ from __future__ import annotations
 __all__ = [
     "ConfigError",
     "CorruptFile",
+    "DeadlineExceeded",
+    "FrameError",
+    "PeerUnavailable",
+    "RemoteError",
     "SnapshotError",
     "StoreError",
     "StreamrecError",
     "TableBusy",
     "TableFull",
+    "TransportError",
 ]
 
 
@@ -123,3 +136,66 @@ class CorruptFile(SnapshotError):
     def __init__(self, *, path: str, problem: str) -> None:
         super().__init__(f"corrupt file: {problem}", path=path)
         self.problem = problem
+
+
+class TransportError(StreamrecError):
+    """A frame could not be moved to or from a peer.
+
+    Attributes:
+        peer: the peer's address or name, or ``""``.
+        transport: the transport's name (``"tcp"``, ``"shm"``, ...), or ``""``.
+    """
+
+    def __init__(self, message: str, *, peer: str = "", transport: str = "") -> None:
+        where = "/".join(x for x in (transport, peer) if x)
+        super().__init__(f"{where}: {message}" if where else message)
+        self.peer = peer
+        self.transport = transport
+
+
+class FrameError(TransportError):
+    """A frame is malformed, truncated, oversized or of an unknown kind.
+
+    Attributes:
+        status: the error status a server answers such a frame with
+            (a ``streamrec.transport.Status`` value).
+        request_id: the frame's request id when its header could be read, else 0.
+    """
+
+    def __init__(self, message: str, *, status: int, request_id: int = 0, peer: str = "",
+                 transport: str = "") -> None:
+        super().__init__(message, peer=peer, transport=transport)
+        self.status = status
+        self.request_id = request_id
+
+
+class PeerUnavailable(TransportError):
+    """The peer cannot be reached on this transport: connect refused, connection
+    lost, shared-memory segment gone, peer process dead. A channel falls back to
+    its next transport or replica on this error."""
+
+
+class DeadlineExceeded(TransportError):
+    """No reply arrived within the call's deadline.
+
+    Attributes:
+        deadline_s: the budget the call had.
+    """
+
+    def __init__(self, message: str, *, deadline_s: float, peer: str = "", transport: str = "") -> None:
+        super().__init__(message, peer=peer, transport=transport)
+        self.deadline_s = deadline_s
+
+
+class RemoteError(TransportError):
+    """The peer answered with an error frame.
+
+    Attributes:
+        status: the reply's status code (a ``streamrec.transport.Status`` value).
+        remote_message: the peer's message, in words.
+    """
+
+    def __init__(self, message: str, *, status: int, peer: str = "", transport: str = "") -> None:
+        super().__init__(message, peer=peer, transport=transport)
+        self.status = status
+        self.remote_message = message
