@@ -182,7 +182,7 @@ def _head(frame: Frame) -> bytearray:
 
 def encode(frame: Frame) -> list[Any]:
     """Parts for a message transport: the header block, then each buffer (zero-copy)."""
-    return [_head(frame), *(memoryview(b).cast("B") if b.nbytes else b"" for b in frame.buffers)]
+    return [_head(frame), *(b.data.cast("B") if b.nbytes else b"" for b in frame.buffers)]
 
 
 def _aligned(n: int) -> int:
