@@ -32,12 +32,31 @@ EXPECTED = {
     "streamrec.errors": [
         "ConfigError",
         "CorruptFile",
+        "DeadlineExceeded",
+        "FrameError",
+        "PeerUnavailable",
+        "RemoteError",
         "SnapshotError",
         "StoreError",
         "StreamrecError",
         "TableBusy",
         "TableFull",
+        "TransportError",
     ],
+    "streamrec.cluster": [
+        "Breaker",
+        "ClusterSpec",
+        "NodeSpec",
+        "Place",
+        "Router",
+        "RouterConfig",
+        "TableSpec",
+        "cluster_spec_from_text",
+        "embedded_spec",
+        "load_cluster_spec",
+    ],
+    "streamrec.transport": ["Connection", "Endpoint", "Flag", "Frame", "Kind", "Status"],
+    "streamrec.ps": ["PSClient", "StorageServer"],
     "streamrec.store": [
         "EmbeddingTable",
         "SequenceStore",
@@ -80,3 +99,23 @@ def test_error_tree() -> None:
     full = TableFull(rows=1, max_rows=2, load_factor=0.5, position=3)
     assert (full.rows, full.max_rows, full.load_factor, full.position) == (1, 2, 0.5, 3)
     assert TableBusy(waited_s=2.5).waited_s == 2.5
+
+
+def test_transport_error_tree() -> None:
+    from streamrec.errors import (
+        DeadlineExceeded,
+        FrameError,
+        PeerUnavailable,
+        RemoteError,
+        StreamrecError,
+        TransportError,
+    )
+
+    for cls in (FrameError, PeerUnavailable, DeadlineExceeded, RemoteError):
+        assert issubclass(cls, TransportError)
+    assert issubclass(TransportError, StreamrecError)
+    e = FrameError("bad", status=1, request_id=7, peer="a:1", transport="tcp")
+    assert (e.status, e.request_id, e.peer, e.transport) == (1, 7, "a:1", "tcp")
+    assert str(e) == "tcp/a:1: bad"
+    assert DeadlineExceeded("slow", deadline_s=0.5).deadline_s == 0.5
+    assert RemoteError("no", status=7).status == 7

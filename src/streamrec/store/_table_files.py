@@ -257,20 +257,35 @@ class TableFiles:
         """
         if not (isinstance(chunk_rows, int) and chunk_rows >= 1):
             raise ValueError(f"chunk_rows: expected an int >= 1, got {chunk_rows!r}")
-        width = self._layout.dim + (self._layout.state_width if include_state else 0)
         lo = 0
         while True:
-            with self._lock:
-                hi = min(lo + chunk_rows, int(self._cnt[CNT_HIGH]))
-                if lo >= hi:
-                    return
-                keys = np.empty(hi - lo, dtype=np.uint64)
-                vals = np.empty((hi - lo, width), dtype=self._layout.dtype)
-                c = export_rows(self._arena64, self._arena32, self._arenav, self._layout.voff,
-                                lo, hi, keys, vals, self._ctx())
-            lo = hi
-            if c:
-                yield keys[:c], vals[:c]
+            keys, vals, lo = self.export_range(lo, chunk_rows, include_state)
+            if lo < 0:
+                return
+            if keys.size:
+                yield keys, vals
+
+    def export_range(self, start: int, rows: int, include_state: bool = False
+                     ) -> tuple[np.ndarray, np.ndarray, int]:
+        """The live rows among arena rows ``[start, start + rows)``, and where to go on.
+
+        The stateless form of ``export`` (for a replica pulling a table chunk by
+        chunk over the wire): returns ``(keys (n,), values (n, W), next_start)``
+        with ``next_start`` -1 once ``start`` is past the arena's high-water mark.
+        The writer lock is held only for this chunk.
+        """
+        if not (isinstance(start, int) and start >= 0 and isinstance(rows, int) and rows >= 1):
+            raise ValueError(f"start, rows: expected ints >= 0 and >= 1, got {start!r}, {rows!r}")
+        width = self._layout.dim + (self._layout.state_width if include_state else 0)
+        with self._lock:
+            hi = min(start + rows, int(self._cnt[CNT_HIGH]))
+            if start >= hi:
+                return np.empty(0, np.uint64), np.empty((0, width), self._layout.dtype), -1
+            keys = np.empty(hi - start, dtype=np.uint64)
+            vals = np.empty((hi - start, width), dtype=self._layout.dtype)
+            c = export_rows(self._arena64, self._arena32, self._arenav, self._layout.voff,
+                            start, hi, keys, vals, self._ctx())
+        return keys[:c], vals[:c], hi
 
     def import_chunks(self, chunks: Iterable[tuple[Any, Any]], include_state: bool = False) -> int:
         """Insert-or-assign every ``(keys, values)`` chunk, as ``export`` yields them.

@@ -1,0 +1,33 @@
+"""streamrec.cluster: pure decisions about the cluster, no I/O.
+
+Owns: the cluster spec (nodes, tables, shard placement, key to shard hash) and,
+routing (replica choice, circuit breaking); the fan-out tree shape comes with replication.
+May import our ``config`` and ``errors`` only; never ``store``, ``transport``
+or ``ps``.
+
+Thread safety: specs are frozen and shareable; other classes state their own rule.
+"""
+
+from streamrec.cluster.spec import (
+    ClusterSpec,
+    NodeSpec,
+    TableSpec,
+    cluster_spec_from_text,
+    embedded_spec,
+    load_cluster_spec,
+)
+
+from streamrec.cluster.router import Breaker, Place, Router, RouterConfig
+
+__all__ = [
+    "Breaker",
+    "ClusterSpec",
+    "NodeSpec",
+    "Place",
+    "Router",
+    "RouterConfig",
+    "TableSpec",
+    "cluster_spec_from_text",
+    "embedded_spec",
+    "load_cluster_spec",
+]

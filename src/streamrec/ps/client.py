@@ -1,0 +1,557 @@
+"""The parameter-server client: sharded, replicated lookups and updates.
+
+Owns: ``PSClient``, the API training and serving processes use, and the call
+engine under it: deduplicate keys, split them by shard, send every shard's
+request before waiting for any, and put the answers back in the caller's
+order; pick a replica per shard by locality and score (``cluster.router``); on
+any failure or timeout try the node's next transport, then the next replica,
+so the caller sees one answer or one error. It must not interpret table
+contents (the service does) or encode bytes (the transports do).
+
+Reads go to one replica of each shard (hedged to a second when hedging is on);
+writes go to every replica of each shard and succeed when at least one replica
+of every shard applied them. A retried write carries the same request id on
+every transport and replica, so a replica applies it once. Replication by a
+replicated log (Raft) and the fan-out tree come with the replication issue:
+until then a replica that misses writes while it is down is refilled from a
+peer when it restarts, and one that misses a write while up (its reply lost
+past every retry) stays behind until it is refilled. ``failed_replica_writes``
+counts those.
+
+Without a spec the client is the embedded default: it hosts the embedded
+spec's shards in its own process and calls them through the same engine.
+
+Thread safety: a client is used by one thread at a time (its connections are
+single-threaded); give each thread its own client.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import zmq
+
+from streamrec.cluster.router import Place, Router, RouterConfig
+from streamrec.cluster.spec import ClusterSpec, embedded_spec
+from streamrec.errors import (
+    DeadlineExceeded,
+    PeerUnavailable,
+    RemoteError,
+    StoreError,
+    TransportError,
+)
+from streamrec.ps.channel import PREFERENCE, NodeLink
+from streamrec.ps.service import MAX_KEYS, Service
+from streamrec.transport.base import Connection
+from streamrec.transport.frames import Flag, Frame, Kind, Status
+
+__all__ = ["ClientStats", "PSClient"]
+
+_ATTEMPT_S = 0.5  # one attempt's patience before the next transport or replica is tried
+
+
+@dataclass
+class ClientStats:
+    """What the client did: calls, retries, and failures the caller saw."""
+
+    calls: int = 0
+    requests: int = 0
+    retried_calls: int = 0  # calls that needed at least one retry (other transport or replica)
+    retries: int = 0
+    failed_calls: int = 0
+    hedged: int = 0
+    failed_replica_writes: int = 0
+    by_transport: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass
+class _Call:
+    """One shard request: to one replica at a time (reads) or one fixed replica (writes)."""
+
+    frame: Frame
+    candidates: list[str]  # nodes still to try, best first
+    read: bool
+    node: str = ""
+    transports: list[str] = field(default_factory=list)
+    transport: str = ""
+    conn: Connection | None = None
+    sent_at: float = 0.0
+    reply: Frame | None = None
+    error: Exception | None = None  # set on the primary when the call failed for good
+    last_error: Exception | None = None
+    terminal: bool = False  # this call (primary or hedge) has no attempt left
+    in_node: bool = False  # the router counts this call in flight at ``node``
+    node_started: float = 0.0
+    retried: bool = False
+    hedge: _Call | None = None
+    primary: _Call | None = None
+
+    @property
+    def done(self) -> bool:
+        return self.reply is not None or self.error is not None
+
+
+_Pending = dict[int, list[_Call]]  # request id -> calls in flight with it (writes: one per replica)
+
+
+class PSClient:
+    """Look up and update sharded, replicated embedding tables.
+
+    Args:
+        spec: the cluster to talk to; None for the embedded default (shards
+            hosted in this process, no servers).
+        local: where this client runs (zone and pod), or the name of the node it
+            runs beside; used to prefer near replicas.
+        transports: transports this client may use, from
+            ``("one_sided", "shm", "rdma", "tcp")``.
+        router: routing and breaker settings.
+        timeout_s: a call's deadline; default the spec's ``request_timeout_s``.
+
+    Shapes: B keys (any integer dtype, duplicates allowed), D the table's dim.
+
+    Example::
+
+        ps = PSClient()                        # embedded: no servers
+        ps.assign("emb", keys, rows)
+        values, found = ps.find("emb", keys)   # (B, D), (B,)
+    """
+
+    def __init__(self, spec: ClusterSpec | None = None, *, local: Place | str | None = None,
+                 transports: tuple[str, ...] = PREFERENCE, router: RouterConfig | None = None,
+                 timeout_s: float | None = None, seed: int | None = None) -> None:
+        bad = [t for t in transports if t not in PREFERENCE]
+        if bad or not transports:
+            raise ValueError(f"transports: expected a non-empty subset of {PREFERENCE}, got {transports!r}")
+        self._embedded = spec is None
+        self.spec = spec if spec is not None else embedded_spec()
+        self.timeout_s = float(timeout_s if timeout_s is not None else self.spec.request_timeout_s)
+        if not self.timeout_s > 0:
+            raise ValueError(f"timeout_s: expected > 0, got {timeout_s!r}")
+        if isinstance(local, str):
+            n = self.spec.node(local)
+            local = Place(n.zone, n.pod)
+        self.router = Router({n.name: Place(n.zone, n.pod) for n in self.spec.nodes}, local,
+                             router or RouterConfig(), rng=random.Random(seed))
+        self._services: list[Service] = []
+        self.links: dict[str, NodeLink] = {}
+        for n in self.spec.nodes:
+            handler = None
+            if self._embedded:
+                svc = Service(self.spec, n.name)
+                self._services.append(svc)
+                handler = svc.handle
+            self.links[n.name] = NodeLink(self.spec, n, allowed=transports, handler=handler,
+                                          timeout_s=min(self.timeout_s, 1.0))
+        self.stats = ClientStats()
+        # ids unique across clients and restarts: a random 32-bit prefix and a counter
+        self._ids = itertools.count((random.SystemRandom().getrandbits(31) << 32) | 1)
+        self._poller = zmq.Poller()
+        self._registered: set[Any] = set()
+
+    # -- public API ------------------------------------------------------------------------
+
+    def find(self, table: str, keys: Any) -> tuple[np.ndarray, np.ndarray]:
+        """Rows of ``keys``: ``(values (B, D), found (B,))``, zeros where absent.
+
+        Raises:
+            DeadlineExceeded, PeerUnavailable: no replica of some shard answered in time.
+            RemoteError: a replica refused the request (bad input, table full).
+        """
+        t, spec = self.spec.table(table)
+        uniq, inverse = self._unique(keys)
+        replies = self._fan_out(Kind.FIND, t, uniq, lambda idx: [uniq[idx]], read=True)
+        dim = spec.config.dim
+        values = np.empty((uniq.shape[0], dim), dtype=np.dtype(spec.config.dtype))
+        found = np.empty(uniq.shape[0], dtype=np.bool_)
+        for idx, reply in replies:
+            values[idx] = reply.buffers[0]
+            found[idx] = reply.buffers[1]
+        return values[inverse], found[inverse]
+
+    def find_or_insert(self, table: str, keys: Any) -> np.ndarray:
+        """Rows of ``keys`` (B, D), creating absent ones from the table's initializer on every replica."""
+        t, spec = self.spec.table(table)
+        uniq, inverse = self._unique(keys)
+        replies = self._fan_out(Kind.FIND_OR_INSERT, t, uniq, lambda idx: [uniq[idx]], read=False)
+        values = np.empty((uniq.shape[0], spec.config.dim), dtype=np.dtype(spec.config.dtype))
+        for idx, reply in replies:
+            values[idx] = reply.buffers[0]
+        return values[inverse]
+
+    def assign(self, table: str, keys: Any, values: Any, *, only_existing: bool = False) -> None:
+        """Write ``values`` (B, D) to ``keys`` on every replica (inserting absent keys
+        unless ``only_existing``). Of a key repeated in the batch, the last value wins."""
+        t, spec = self.spec.table(table)
+        k = _keys(keys)
+        v = np.ascontiguousarray(values, dtype=np.dtype(spec.config.dtype))
+        if v.shape != (k.shape[0], spec.config.dim):
+            raise ValueError(f"values: expected ({k.shape[0]}, {spec.config.dim}), got {v.shape}")
+        uniq, first = _last_of_each(k)
+        vals = v[first]
+        self._fan_out(Kind.ASSIGN, t, uniq, lambda idx: [uniq[idx], vals[idx]], read=False,
+                      aux=int(only_existing))
+
+    def apply_gradients(self, table: str, keys: Any, grads: Any, lr: float) -> np.ndarray:
+        """One optimizer step on every replica; gradients of repeated keys are summed.
+
+        Returns: (B,) mask of the keys found.
+        """
+        t, spec = self.spec.table(table)
+        k = _keys(keys)
+        g = np.ascontiguousarray(grads, dtype=np.float32 if spec.config.dtype == "float32" else np.float64)
+        if g.shape != (k.shape[0], spec.config.dim):
+            raise ValueError(f"grads: expected ({k.shape[0]}, {spec.config.dim}), got {g.shape}")
+        if not (isinstance(lr, (int, float)) and np.isfinite(lr) and lr >= 0):
+            raise ValueError(f"lr: expected a finite number >= 0, got {lr!r}")
+        uniq, inverse = self._unique(k)
+        summed = np.zeros((uniq.shape[0], g.shape[1]), dtype=g.dtype)
+        np.add.at(summed, inverse, g)
+        lr_buf = np.array([lr], dtype=np.float64)
+        found = np.empty(uniq.shape[0], dtype=np.bool_)
+        for idx, reply in self._fan_out(Kind.APPLY_GRADIENTS, t, uniq,
+                                        lambda idx: [uniq[idx], summed[idx], lr_buf], read=False):
+            found[idx] = reply.buffers[0]
+        return found[inverse]
+
+    def erase(self, table: str, keys: Any) -> int:
+        """Remove ``keys`` from every replica; the number of keys that were present."""
+        t, _ = self.spec.table(table)
+        uniq, _ = self._unique(keys)
+        replies = self._fan_out(Kind.ERASE, t, uniq, lambda idx: [uniq[idx]], read=False)
+        return int(sum(int(r.buffers[0][0]) for _, r in replies))
+
+    def node_stats(self) -> dict[str, Any]:
+        """Each node's STATS reply (None for nodes that did not answer)."""
+        out: dict[str, Any] = {}
+        for name in self.links:
+            try:
+                reply = self._one(name, Frame(Kind.STATS))
+                out[name] = json.loads(reply.text())
+            except TransportError:
+                out[name] = None
+        return out
+
+    def snapshot(self) -> dict[str, Any]:
+        """Ask every node to snapshot its replicas; each node's answer."""
+        return {name: json.loads(self._one(name, Frame(Kind.SNAPSHOT), timeout_s=600.0).text())
+                for name in self.links}
+
+    def close(self) -> None:
+        for link in self.links.values():
+            link.close()
+        for svc in self._services:
+            svc.close()
+
+    def __enter__(self) -> PSClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- splitting and joining ----------------------------------------------------------------
+
+    @staticmethod
+    def _unique(keys: Any) -> tuple[np.ndarray, np.ndarray]:
+        k = _keys(keys)
+        uniq, inverse = np.unique(k, return_inverse=True)
+        return uniq, inverse
+
+    def _fan_out(self, kind: Kind, t: int, uniq: np.ndarray, bufs: Callable[[np.ndarray], list[np.ndarray]],
+                 *, read: bool, aux: int = 0) -> list[tuple[np.ndarray, Frame]]:
+        """Split ``uniq`` by shard, run one call per shard (reads) or per replica (writes).
+
+        ``bufs(idx)`` builds a request's buffers for the keys ``uniq[idx]`` of one
+        shard. Returns (positions in ``uniq``, reply) per shard.
+        """
+        nshards = self.spec.tables[t].shards
+        if nshards == 1:
+            order = np.arange(uniq.shape[0])
+            bounds = np.array([0, uniq.shape[0]])
+        else:
+            sid = self.spec.shard_of(t, uniq)
+            order = np.argsort(sid, kind="stable")
+            bounds = np.concatenate([[0], np.cumsum(np.bincount(sid, minlength=nshards))])
+        groups: list[tuple[np.ndarray, list[_Call]]] = []
+        rid = next(self._ids)
+        for s in range(nshards):
+            lo, hi = int(bounds[s]), int(bounds[s + 1])
+            if lo == hi:
+                continue
+            idx = order[lo:hi]
+            frame = Frame(kind, bufs(idx), request_id=rid, table=t, shard=s, aux=aux)
+            rid = next(self._ids)
+            replicas = self.spec.replicas(t, s)
+            if read:
+                calls = [_Call(frame, self.router.order(replicas), read=True)]
+            else:  # each replica gets the same id, so a retried write applies once per replica
+                calls = [_Call(frame, [n], read=False) for n in replicas]
+            groups.append((idx, calls))
+        self.stats.calls += 1
+        self._run([c for _, cs in groups for c in cs])
+        out = []
+        for idx, calls in groups:
+            ok = [c for c in calls if c.reply is not None]
+            if not ok:
+                self.stats.failed_calls += 1
+                raise next((c.error for c in calls if c.error is not None),
+                           PeerUnavailable(f"no replica of table {t} shard {calls[0].frame.shard} answered"))
+            self.stats.failed_replica_writes += len(calls) - len(ok)
+            out.append((idx, ok[0].reply))
+        return [(i, r) for i, r in out if r is not None]
+
+    def _one(self, node: str, frame: Frame, timeout_s: float | None = None) -> Frame:
+        frame.request_id = next(self._ids)
+        call = _Call(frame, [node], read=False)
+        self._run([call], timeout_s)
+        if call.error is not None:
+            raise call.error
+        assert call.reply is not None
+        return call.reply
+
+    # -- the engine --------------------------------------------------------------------------
+    #
+    # A call moves through (node, transport) attempts: a failed transport sends it
+    # to the node's next transport; a node with none left (or one that answered
+    # with a retriable error) sends it to its next candidate node. A call settles
+    # with a reply or, when every candidate failed, an error. A hedge is a second
+    # call for the same read on another replica; the first reply settles both.
+
+    def _run(self, calls: list[_Call], timeout_s: float | None = None) -> None:
+        """Drive ``calls`` to a reply or an error each, within the deadline."""
+        budget = timeout_s if timeout_s is not None else self.timeout_s
+        deadline = time.monotonic() + budget
+        attempt_s = min(_ATTEMPT_S, budget)
+        pending: _Pending = {}
+        one_sided: list[_Call] = []
+        for c in calls:
+            if not self._next_node(c, pending, one_sided, deadline):
+                self._settle(c, None, c.last_error, pending)
+        self._run_one_sided(one_sided, pending, deadline)
+        hedge_after = self.router.hedge_delay()
+        while any(not c.done for c in calls):
+            now = time.monotonic()
+            if now >= deadline:
+                for c in [c for cs in pending.values() for c in cs] + one_sided:
+                    self._leave(c, ok=False)
+                for c in calls:
+                    if not c.done:
+                        c.error = DeadlineExceeded(f"no replica answered within {budget:.3f} s",
+                                                   deadline_s=budget, peer=c.node, transport=c.transport)
+                break
+            live = [c for cs in pending.values() for c in cs if not c.terminal and c.conn is not None]
+            conns = {id(c.conn): c.conn for c in live if c.conn is not None}
+            self._poll(list(conns.values()), min(deadline - now, 0.02))
+            for conn in conns.values():
+                self._drain(conn, pending, one_sided, deadline)
+            now = time.monotonic()
+            for c in [c for cs in pending.values() for c in cs]:
+                if c.terminal or c.reply is not None or c.conn is None:
+                    continue
+                if now - c.sent_at > attempt_s:
+                    self._attempt_failed(c, DeadlineExceeded(
+                        f"no reply in {attempt_s:.3f} s", deadline_s=attempt_s, peer=c.node,
+                        transport=c.transport), pending, one_sided, deadline)
+                elif (hedge_after is not None and c.read and c.primary is None and c.hedge is None
+                      and c.candidates and now - c.sent_at > hedge_after):
+                    self._hedge(c, pending, one_sided, deadline)
+            self._run_one_sided(one_sided, pending, deadline)
+
+    def _poll(self, conns: list[Connection], timeout_s: float) -> None:
+        want = {c.pollable for c in conns}
+        for p in self._registered - want:
+            self._poller.unregister(p)
+        for p in want - self._registered:
+            self._poller.register(p, zmq.POLLIN)
+        self._registered = want
+        if want:
+            self._poller.poll(max(0, int(timeout_s * 1000)))
+        elif timeout_s > 0:
+            time.sleep(min(timeout_s, 0.001))
+
+    def _drain(self, conn: Connection, pending: _Pending, one_sided: list[_Call],
+               deadline: float) -> None:
+        while True:
+            try:
+                reply = conn.recv(0)
+            except TransportError as exc:
+                for c in [c for cs in pending.values() for c in cs]:
+                    if c.conn is conn:
+                        self._attempt_failed(c, exc, pending, one_sided, deadline)
+                return
+            if reply is None:
+                return
+            for c in list(pending.get(reply.request_id, ())):
+                if c.conn is conn:
+                    self._complete(c, reply, pending, one_sided, deadline)
+
+    def _send(self, c: _Call, pending: _Pending, one_sided: list[_Call], deadline: float) -> bool:
+        """Send ``c`` on its node's next usable transport; False when none is left."""
+        link = self.links[c.node]
+        while c.transports:
+            c.transport = c.transports.pop(0)
+            c.sent_at = time.monotonic()
+            if c.transport == "one_sided":
+                one_sided.append(c)
+                return True
+            try:
+                c.conn = link.connection(c.transport)
+                c.frame.deadline_us = max(1, int(max(deadline - c.sent_at, 0) * 1e6))
+                c.conn.send(c.frame)
+            except (TransportError, ValueError) as exc:
+                c.last_error = exc
+                c.conn = None
+                self._transport_failed(c)
+                continue
+            pending.setdefault(c.frame.request_id, []).append(c)
+            self.stats.requests += 1
+            return True
+        return False
+
+    def _next_node(self, c: _Call, pending: _Pending, one_sided: list[_Call],
+                   deadline: float) -> bool:
+        """Move ``c`` to its next candidate node and send it; False when no candidate is left."""
+        while c.candidates:
+            c.node = c.candidates.pop(0)
+            self.router.start(c.node)
+            c.in_node, c.node_started = True, time.monotonic()
+            link = self.links[c.node]
+            c.transports = self.router.transport_order(
+                c.node, link.transports(c.frame.table, c.frame.shard, read=c.read))
+            if self._send(c, pending, one_sided, deadline):
+                return True
+            self._leave(c, ok=False)
+        if c.last_error is None:
+            c.last_error = PeerUnavailable(
+                f"no replica of table {c.frame.table} shard {c.frame.shard} is reachable",
+                peer=c.node, transport=c.transport)
+        return False
+
+    def _run_one_sided(self, calls: list[_Call], pending: _Pending, deadline: float) -> None:
+        """Serve the queued one-sided reads in this thread, after every remote request went out."""
+        while calls:
+            c = calls.pop(0)
+            if c.terminal or c.reply is not None:
+                continue
+            try:
+                reader = self.links[c.node].reader(c.frame.table, c.frame.shard)
+                values, found = reader.find(c.frame.buffers[0])
+            except (TransportError, StoreError, OSError) as exc:
+                if not isinstance(exc, TransportError):
+                    exc = PeerUnavailable(str(exc), peer=c.node, transport="one_sided")
+                self._attempt_failed(c, exc, pending, calls, deadline)
+                continue
+            self.stats.requests += 1
+            self._complete(c, Frame(c.frame.kind, [values, found], c.frame.request_id, flags=Flag.REPLY),
+                           pending, calls, deadline)
+
+    def _complete(self, c: _Call, reply: Frame, pending: _Pending, one_sided: list[_Call],
+                  deadline: float) -> None:
+        self.router.attempt(c.node, c.transport, time.monotonic() - c.sent_at, ok=True)
+        self._leave(c, ok=True)  # the node answered, even if with an error
+        if reply.status == Status.OK:
+            self.stats.by_transport[c.transport] = self.stats.by_transport.get(c.transport, 0) + 1
+            self._settle(c, reply, None, pending)
+            return
+        status = Status(reply.status) if reply.status in Status._value2member_map_ else Status.INTERNAL
+        err = RemoteError(reply.text() or status.name, status=int(status), peer=c.node, transport=c.transport)
+        if status.retriable:  # it cannot serve now (filling, overloaded): its other transports would not help
+            _unpend(c, pending)
+            c.conn, c.last_error = None, err
+            self._count_retry(c)
+            if not self._next_node(c, pending, one_sided, deadline):
+                self._settle(c, None, err, pending)
+        else:  # the request itself is wrong: every replica would say the same
+            self._settle(c, None, err, pending)
+
+    def _leave(self, c: _Call, *, ok: bool) -> None:
+        """The call's time on its node is over: score the node (and feed its breaker)."""
+        if c.in_node:
+            c.in_node = False
+            self.router.finish(c.node, time.monotonic() - c.node_started, ok)
+
+    def _settle(self, c: _Call, reply: Frame | None, err: Exception | None,
+                pending: _Pending) -> None:
+        """``c`` is over: with a reply (settles its hedge pair too) or for good with ``err``."""
+        p = c.primary or c
+        pair = [x for x in (p, p.hedge) if x is not None]
+        if reply is not None:
+            for x in pair:
+                x.reply = reply
+                _unpend(x, pending)
+                if x.in_node:  # the hedge's loser: abandoned, not scored
+                    x.in_node = False
+                    self.router.cancel(x.node)
+            return
+        c.terminal = True
+        _unpend(c, pending)
+        if all(x.terminal for x in pair):  # nobody left who might still answer
+            p.error = err or c.last_error or PeerUnavailable("no replica answered")
+
+    def _transport_failed(self, c: _Call) -> None:
+        self.links[c.node].failed(c.transport)
+        self.router.attempt(c.node, c.transport, time.monotonic() - c.sent_at, ok=False)
+        self._count_retry(c)
+
+    def _count_retry(self, c: _Call) -> None:
+        if not c.retried:
+            c.retried = True
+            self.stats.retried_calls += 1
+        self.stats.retries += 1
+
+    def _attempt_failed(self, c: _Call, exc: Exception, pending: _Pending, one_sided: list[_Call],
+                        deadline: float) -> None:
+        """A transport failed or timed out: the node's next transport, else the next replica."""
+        _unpend(c, pending)
+        c.conn = None
+        c.last_error = exc
+        self._transport_failed(c)
+        c.frame.flags |= Flag.RETRY
+        if self._send(c, pending, one_sided, deadline):
+            return
+        self._leave(c, ok=False)
+        if not self._next_node(c, pending, one_sided, deadline):
+            self._settle(c, None, exc, pending)
+
+    def _hedge(self, c: _Call, pending: _Pending, one_sided: list[_Call], deadline: float) -> None:
+        frame = Frame(c.frame.kind, c.frame.buffers, next(self._ids), c.frame.table, c.frame.shard)
+        h = _Call(frame, [c.candidates.pop(0)], read=True, primary=c)
+        c.hedge = h
+        self.stats.hedged += 1
+        if not self._next_node(h, pending, one_sided, deadline):
+            self._settle(h, None, h.last_error, pending)
+
+
+def _unpend(c: _Call, pending: _Pending) -> None:
+    cs = pending.get(c.frame.request_id)
+    if cs and c in cs:
+        cs.remove(c)
+        if not cs:
+            del pending[c.frame.request_id]
+
+
+def _keys(keys: Any) -> np.ndarray:
+    k = np.asarray(keys)
+    if k.ndim != 1:
+        raise ValueError(f"keys: expected a 1-D array, got shape {k.shape}")
+    if k.size and k.dtype.kind not in "iu":
+        raise TypeError(f"keys: expected integers, got {k.dtype}")
+    if k.dtype.kind == "i" and k.size and k.min() < 0:
+        raise ValueError("keys: negative keys are not valid (keys are uint64)")
+    if k.shape[0] > MAX_KEYS:
+        raise ValueError(f"keys: {k.shape[0]} keys in one call, at most {MAX_KEYS}")
+    return np.ascontiguousarray(k, dtype=np.uint64)
+
+
+def _last_of_each(k: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Unique keys (sorted) and the position of each one's last occurrence in ``k``."""
+    rev = k[::-1]
+    uniq, first_in_rev = np.unique(rev, return_index=True)
+    return uniq, k.shape[0] - 1 - first_in_rev
+

@@ -1,0 +1,377 @@
+"""The storage process: a polling master, worker threads, endpoints, metrics.
+
+Owns: ``StorageServer``, which hosts one node's shard replicas (a
+``Service``), listens on every transport the node offers (TCP always; shared
+memory and RDMA where available), fills restarted replicas from a peer, and
+serves Prometheus metrics and health on HTTP. It must not implement request
+semantics (that is ``Service``) or transports (that is ``transport``).
+
+The request path: one master thread polls every endpoint and an eventfd; it
+decodes what arrived, answers cheap requests (PING, HELLO, STATS) itself, and
+hands the rest to a pool of worker threads, which run the table's ``nogil``
+kernels in parallel and post replies back through the eventfd; the master
+sends them, because a transport endpoint belongs to one thread. A malformed
+frame is answered with an error frame by the master without reaching a worker.
+A request that waited past its deadline is answered DEADLINE without being run;
+a full queue answers OVERLOADED, so a burst cannot grow memory without bound.
+
+Health (``/healthz``: the master loop is alive; ``/readyz``: every replica is
+filled) and metrics (``/metrics``) are served on ``metrics_port`` by a small
+HTTP thread, bound to the node's host (127.0.0.1 unless told otherwise).
+
+Thread safety: ``start``/``stop`` from one controlling thread; everything else
+runs on the server's own threads.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import functools
+import json
+import logging
+import os
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+import numpy as np
+import zmq
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+from streamrec.cluster.spec import ClusterSpec
+from streamrec.errors import FrameError, TransportError
+from streamrec.ps.service import Service, ShardReplica
+from streamrec.transport.base import Endpoint, Token
+from streamrec.transport.frames import Frame, Kind, Status, error_reply, reply_to
+from streamrec.transport.tcp import TcpConnection, TcpEndpoint
+
+__all__ = ["StorageServer"]
+
+log = logging.getLogger("streamrec.ps")
+
+_INLINE = frozenset({Kind.PING, Kind.HELLO, Kind.STATS})
+_MAX_QUEUE = 1024  # requests handed to workers and not yet answered; beyond it: OVERLOADED
+_SYNC_ROWS = 32_768  # rows per EXPORT chunk when filling from a peer (16 MiB at dim 64 + Adagrad)
+
+
+class _Metrics:
+    def __init__(self, node: str) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter("streamrec_ps_requests", "Requests answered, by kind and status",
+                                ["kind", "status"], registry=r)
+        self.keys = Counter("streamrec_ps_keys", "Keys in requests answered OK, by kind", ["kind"],
+                            registry=r)
+        self.seconds = Histogram("streamrec_ps_request_seconds", "Arrival to reply, by kind", ["kind"],
+                                 registry=r, buckets=(1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2,
+                                                      0.1, 0.5))
+        self.bad_frames = Counter("streamrec_ps_bad_frames", "Frames refused as malformed", ["transport"],
+                                  registry=r)
+        self.queue = Gauge("streamrec_ps_queue_depth", "Requests waiting for or in a worker", registry=r)
+        self.rows = Gauge("streamrec_ps_shard_rows", "Live rows per replica", ["table", "shard"], registry=r)
+        self.ready = Gauge("streamrec_ps_shard_ready", "1 when the replica serves", ["table", "shard"],
+                           registry=r)
+        self.info = Gauge("streamrec_ps_up", "1 while the master loop runs", ["node"], registry=r)
+        self.node = node
+
+
+class StorageServer:
+    """Serve one node of a cluster spec.
+
+    Args:
+        spec: the cluster.
+        node: this node's name.
+        workers: worker threads running requests (the tables' kernels drop the GIL).
+        shm: also offer the shared-memory transport to clients on this host.
+        rdma: also offer UCX (if ``ucxx`` imports).
+        data_dir: where replicas keep live files; default the spec's for the node.
+        fill_from_peers: on start, fill each replica from a ready peer replica.
+
+    Example::
+
+        server = StorageServer(spec, "a1").start()
+        ...
+        server.stop()
+    """
+
+    def __init__(self, spec: ClusterSpec, node: str, *, workers: int = 2, shm: bool = True,
+                 rdma: bool = False, data_dir: str | os.PathLike[str] | None = None,
+                 fill_from_peers: bool = True) -> None:
+        self.spec = spec
+        self.node = spec.node(node)
+        self._fill = fill_from_peers
+        self.service = Service(spec, node, data_dir=data_dir if data_dir is not None else spec.data_dir(node),
+                               ready=not fill_from_peers)
+        self.metrics = _Metrics(node)
+        self._want_shm, self._want_rdma = shm, rdma
+        self._endpoints: list[Endpoint] = []
+        self._pool = ThreadPoolExecutor(workers, thread_name_prefix=f"ps-{node}")
+        self._done: collections.deque[tuple[Endpoint, Token, Frame, str, float, int]] = collections.deque()
+        self._efd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self._inflight = 0
+        self._stop = threading.Event()
+        self._master: threading.Thread | None = None
+        self._http: ThreadingHTTPServer | None = None
+        self._beat = time.monotonic()
+        for (t, s), rep in self.service.replicas.items():
+            name = spec.tables[t].name
+            self.metrics.rows.labels(name, str(s)).set_function(functools.partial(_rows, rep))
+            self.metrics.ready.labels(name, str(s)).set_function(functools.partial(_ready, rep))
+
+    # -- lifecycle -----------------------------------------------------------------------
+
+    def start(self) -> StorageServer:
+        """Bind every endpoint, start the master, the HTTP server and the peer fill."""
+        mfb = self.spec.max_frame_bytes
+        self._endpoints.append(TcpEndpoint(self.node.host, self.node.port, max_frame_bytes=mfb))
+        if self._want_shm:
+            try:
+                from streamrec.transport.shm import ShmEndpoint
+
+                self._endpoints.append(ShmEndpoint(max_frame_bytes=mfb))
+            except (ImportError, OSError) as exc:
+                log.warning("shared memory transport unavailable: %s", exc)
+        if self._want_rdma:
+            try:
+                from streamrec.transport.rdma import RdmaEndpoint
+
+                self._endpoints.append(RdmaEndpoint(self.node.host, max_frame_bytes=mfb))
+            except (ImportError, OSError, TransportError) as exc:
+                log.warning("rdma transport unavailable: %s", exc)
+        if self.node.metrics_port:
+            self._http = _http_server(self, self.node.host, self.node.metrics_port)
+            threading.Thread(target=self._http.serve_forever, name="ps-http", daemon=True).start()
+        self._master = threading.Thread(target=self._run, name="ps-master", daemon=True)
+        self._master.start()
+        if self._fill:
+            threading.Thread(target=self._fill_from_peers, name="ps-fill", daemon=True).start()
+        return self
+
+    def stop(self) -> None:
+        """Stop serving, close the endpoints and the tables (live files closed cleanly)."""
+        self._stop.set()
+        if self._master is not None:
+            self._master.join(5)
+        if self._http is not None:
+            self._http.shutdown()
+            self._http.server_close()
+        self._pool.shutdown(wait=True)
+        for ep in self._endpoints:
+            ep.close()
+        self.service.close()
+        with contextlib.suppress(OSError):
+            os.close(self._efd)
+
+    def wait(self) -> None:
+        """Block until ``stop`` (from another thread or a signal handler)."""
+        while not self._stop.wait(0.5):
+            pass
+
+    @property
+    def ready(self) -> bool:
+        return all(r.ready for r in self.service.replicas.values())
+
+    def offers(self) -> dict[str, Any]:
+        return {ep.name: ep.offer() for ep in self._endpoints}
+
+    # -- the master loop -----------------------------------------------------------------
+
+    def _run(self) -> None:
+        self.metrics.info.labels(self.node.name).set(1)
+        poller = zmq.Poller()
+        poller.register(self._efd, zmq.POLLIN)
+        owner: dict[Any, Endpoint] = {}
+        try:
+            while not self._stop.is_set():
+                self._beat = time.monotonic()
+                current = {p: ep for ep in self._endpoints for p in ep.pollables()}
+                for p in owner.keys() - current.keys():
+                    poller.unregister(p)
+                for p in current.keys() - owner.keys():
+                    poller.register(p, zmq.POLLIN)
+                owner = current
+                for p, _ in poller.poll(100):
+                    if p == self._efd:
+                        self._send_done()
+                        continue
+                    ep = owner.get(p)
+                    if ep is not None:
+                        for token, req in ep.handle(p):
+                            self._dispatch(ep, token, req)
+        except Exception:  # the loop must report, not vanish
+            log.exception("master loop failed")
+            raise
+        finally:
+            self.metrics.info.labels(self.node.name).set(0)
+
+    def _dispatch(self, ep: Endpoint, token: Token, req: Frame | FrameError) -> None:
+        arrived = time.monotonic()
+        if isinstance(req, FrameError):
+            self.metrics.bad_frames.labels(ep.name).inc()
+            bad = Frame(Kind.PING, request_id=req.request_id)
+            self._answer(ep, token, error_reply(bad, req.status, str(req)), "BAD_FRAME", arrived, 0)
+            return
+        kind = Kind(req.kind).name
+        if req.is_reply:
+            self._answer(ep, token, error_reply(req, Status.BAD_FRAME, "a reply sent as a request"), kind,
+                         arrived, 0)
+            return
+        if req.kind in _INLINE:
+            reply = self.service.handle(req)
+            if req.kind == Kind.HELLO and reply.status == Status.OK:
+                reply = self._hello_reply(req, reply)
+            self._answer(ep, token, reply, kind, arrived, 0)
+            return
+        if self._inflight >= _MAX_QUEUE:
+            self._answer(ep, token, error_reply(req, Status.OVERLOADED, f"{self._inflight} requests queued"),
+                         kind, arrived, 0)
+            return
+        self._inflight += 1
+        self.metrics.queue.set(self._inflight)
+        self._pool.submit(self._work, ep, token, req, kind, arrived)
+
+    def _hello_reply(self, req: Frame, reply: Frame) -> Frame:
+        info = json.loads(reply.text())
+        info["offers"] = self.offers()
+        info["host"] = _host_id()
+        return reply_to(req, [np.frombuffer(json.dumps(info).encode(), dtype=np.uint8)])
+
+    def _work(self, ep: Endpoint, token: Token, req: Frame, kind: str, arrived: float) -> None:
+        try:
+            if req.deadline_us and (time.monotonic() - arrived) * 1e6 > req.deadline_us:
+                reply = error_reply(req, Status.DEADLINE, f"waited past its {req.deadline_us} us deadline")
+            else:
+                reply = self.service.handle(req)
+        except BaseException as exc:  # handle() does not raise; this guards the guard
+            reply = error_reply(req, Status.INTERNAL, repr(exc))
+        nkeys = req.buffers[0].shape[0] if req.buffers and req.buffers[0].dtype == np.uint64 else 0
+        self._done.append((ep, token, reply, kind, arrived, nkeys))
+        os.eventfd_write(self._efd, 1)
+
+    def _send_done(self) -> None:
+        with contextlib.suppress(BlockingIOError):
+            os.eventfd_read(self._efd)
+        while self._done:
+            ep, token, reply, kind, arrived, nkeys = self._done.popleft()
+            self._inflight -= 1
+            self._answer(ep, token, reply, kind, arrived, nkeys)
+        self.metrics.queue.set(self._inflight)
+
+    def _answer(self, ep: Endpoint, token: Token, reply: Frame, kind: str, arrived: float,
+                nkeys: int) -> None:
+        ep.reply(token, reply)
+        status = Status(reply.status).name if reply.status in Status._value2member_map_ else str(reply.status)
+        self.metrics.requests.labels(kind, status).inc()
+        self.metrics.seconds.labels(kind).observe(time.monotonic() - arrived)
+        if nkeys and reply.status == Status.OK:
+            self.metrics.keys.labels(kind).inc(nkeys)
+
+    # -- filling a restarted replica ---------------------------------------------------
+
+    def _fill_from_peers(self) -> None:
+        for (t, s), rep in sorted(self.service.replicas.items()):
+            try:
+                self._fill_one(t, s, rep)
+            except Exception:
+                log.exception("filling table %d shard %d failed; serving it empty", t, s)
+            rep.ready = True
+
+    def _fill_one(self, t: int, s: int, rep: ShardReplica) -> None:
+        """Copy one replica from the first ready peer (rows with optimizer state)."""
+        for peer in self.spec.replicas(t, s):
+            if peer == self.node.name:
+                continue
+            try:
+                conn = TcpConnection(self.spec.node(peer).address, max_frame_bytes=self.spec.max_frame_bytes,
+                                     connect_timeout_s=0.5)
+            except ValueError:
+                continue
+            try:
+                start, rows = 0, 0
+                while start >= 0:
+                    req = Frame(Kind.EXPORT, [np.array([start], np.int64), np.array([_SYNC_ROWS], np.int64)],
+                                request_id=start + 1, table=t, shard=s)
+                    reply = conn.request(req, 10.0)
+                    if reply.status != Status.OK:
+                        raise TransportError(f"peer answered {Status(reply.status).name}: {reply.text()}")
+                    keys, values, nxt = reply.buffers
+                    if keys.size:
+                        rep.table.import_chunks([(keys.copy(), values.copy())], include_state=True)
+                        rows += keys.size
+                    start = int(nxt[0])
+                log.info("table %d shard %d: filled %d rows from %s", t, s, rows, peer)
+                return
+            except TransportError as exc:
+                log.info("table %d shard %d: peer %s cannot fill it (%s)", t, s, peer, exc)
+            finally:
+                conn.close()
+
+
+def _rows(rep: ShardReplica) -> float:
+    return float(len(rep.table))
+
+
+def _ready(rep: ShardReplica) -> float:
+    return float(rep.ready)
+
+
+def _host_id() -> str:
+    try:
+        from streamrec.transport.shm import host_id
+
+        return host_id()
+    except ImportError:
+        return ""
+
+
+def _http_server(server: StorageServer, host: str, port: int) -> ThreadingHTTPServer:
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            if self.path == "/metrics":
+                body, ctype, code = generate_latest(server.metrics.registry), CONTENT_TYPE_LATEST, 200
+            elif self.path == "/healthz":
+                alive = time.monotonic() - server._beat < 2.0
+                body = json.dumps({"node": server.node.name, "alive": alive}).encode()
+                ctype, code = "application/json", 200 if alive else 503
+            elif self.path == "/readyz":
+                shards = {f"{server.spec.tables[t].name}/{s}": r.ready
+                          for (t, s), r in server.service.replicas.items()}
+                body = json.dumps({"node": server.node.name, "ready": server.ready,
+                                   "shards": shards}).encode()
+                ctype, code = "application/json", 200 if server.ready else 503
+            else:
+                body, ctype, code = b"not found: try /metrics, /healthz, /readyz\n", "text/plain", 404
+            self.send_response(code)
+            self.send_header("Content-Type", ctype)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, format: str, *args: Any) -> None:  # quiet: metrics are scraped often
+            pass
+
+    return ThreadingHTTPServer((host, port), Handler)
+
+
+def serve(spec: ClusterSpec, node: str, **kwargs: Any) -> None:
+    """Run a node until SIGTERM or SIGINT (``streamrec ps serve``)."""
+    import signal
+
+    server = StorageServer(spec, node, **kwargs).start()
+    stop = threading.Event()
+
+    def on_signal(signum: int, frame: Any) -> None:
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    log.info("node %s serving on %s", node, server.offers())
+    try:
+        while not stop.wait(0.5):
+            pass
+    finally:
+        server.stop()
