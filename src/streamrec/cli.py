@@ -5,8 +5,11 @@ thin shell over a library call, so everything it does is also reachable from
 Python. It may import every package of ours.
 
 Subcommands:
+    demo                            the main job for now: a small cluster on loopback at work
     bench NAME [--quick] [--json]   run ``benchmarks/NAME.py`` (``bench --list`` lists them)
-    config defaults                 print the configuration file format with every default
+    config defaults | check FILE    the table config format with every default; check a file
+    ps serve --config F --node N    run one storage node of a cluster spec
+    ps check FILE                   validate a cluster spec and print its placement
 
 Thread safety: a command-line entry point; runs once per process.
 """
@@ -118,6 +121,42 @@ def _config(args: argparse.Namespace) -> int:
     return 0
 
 
+def _ps(args: argparse.Namespace) -> int:
+    import logging
+
+    from streamrec.cluster.spec import load_cluster_spec
+    from streamrec.errors import ConfigError
+
+    try:
+        spec = load_cluster_spec(args.config if args.what == "serve" else args.file)
+        if args.what == "serve":
+            spec.node(args.node)
+    except (ConfigError, OSError) as exc:
+        print(f"streamrec ps {args.what}: {exc}", file=sys.stderr)
+        return 1
+    if args.what == "check":
+        for t, table in enumerate(spec.tables):
+            for s in range(table.shards):
+                print(f"{table.name}[{s}]: {', '.join(spec.replicas(t, s))}")
+        return 0
+    from streamrec.ps.server import serve
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    try:
+        serve(spec, args.node, workers=args.workers, shm=not args.no_shm, rdma=args.rdma,
+              fill_from_peers=not args.no_fill)
+    except OSError as exc:
+        print(f"streamrec ps serve: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from streamrec.demo import run_demo
+
+    return run_demo(seconds_per_phase=args.seconds, rows=args.rows)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="streamrec",
@@ -142,6 +181,35 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("what", choices=["defaults", "check"])
     c.add_argument("file", nargs="?", help="TOML file, for 'check'")
     c.set_defaults(func=_config)
+
+    d = sub.add_parser("demo", help="the parameter server at work on loopback (the main job for now)",
+                       description="Start a small cluster on loopback (two zones, two shards, a replica "
+                       "of each shard per zone), load rows, look them up over every transport, kill "
+                       "a replica and watch traffic move and its breaker open, restart it and watch it "
+                       "come back; ends with a summary table. No servers to start by hand.")
+    d.add_argument("--rows", type=int, default=1_000_000, help="rows to load (default 1,000,000)")
+    d.add_argument("--seconds", type=float, default=4.0, help="seconds per load phase (default 4)")
+    d.set_defaults(func=_demo)
+
+    ps = sub.add_parser("ps", help="parameter server: serve a node, check a cluster spec",
+                        description="'serve' runs one storage node of a cluster spec until SIGTERM/SIGINT; "
+                        "'check FILE' validates a spec and prints each shard's replicas.")
+    ps_sub = ps.add_subparsers(dest="what", metavar="WHAT", required=True)
+    serve = ps_sub.add_parser("serve", help="run one storage node",
+                              description="Run one storage node: TCP on the node's address, shared "
+                              "memory for clients on this host, metrics and health on its metrics_port.")
+    serve.add_argument("--config", required=True, help="cluster spec (TOML)")
+    serve.add_argument("--node", required=True, help="this node's name in the spec")
+    serve.add_argument("--workers", type=int, default=2, help="worker threads (default 2)")
+    serve.add_argument("--no-shm", action="store_true", help="do not offer the shared-memory transport")
+    serve.add_argument("--rdma", action="store_true", help="also offer UCX (needs the rdma extra)")
+    serve.add_argument("--no-fill", action="store_true",
+                       help="start replicas empty instead of filling them from a peer")
+    serve.set_defaults(func=_ps)
+    check = ps_sub.add_parser("check", help="validate a cluster spec",
+                              description="Validate a cluster spec; errors name the line and field.")
+    check.add_argument("file", help="cluster spec (TOML)")
+    check.set_defaults(func=_ps)
     return p
 
 

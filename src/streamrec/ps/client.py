@@ -47,6 +47,7 @@ from streamrec.errors import (
     StoreError,
     TransportError,
 )
+from streamrec.ps._plan import Plan, make_plan, sum_rows
 from streamrec.ps.channel import PREFERENCE, NodeLink
 from streamrec.ps.service import MAX_KEYS, Service
 from streamrec.transport.base import Connection
@@ -165,37 +166,34 @@ class PSClient:
             RemoteError: a replica refused the request (bad input, table full).
         """
         t, spec = self.spec.table(table)
-        uniq, inverse = self._unique(keys)
-        replies = self._fan_out(Kind.FIND, t, uniq, lambda idx: [uniq[idx]], read=True)
-        dim = spec.config.dim
-        values = np.empty((uniq.shape[0], dim), dtype=np.dtype(spec.config.dtype))
-        found = np.empty(uniq.shape[0], dtype=np.bool_)
-        for idx, reply in replies:
-            values[idx] = reply.buffers[0]
-            found[idx] = reply.buffers[1]
-        return values[inverse], found[inverse]
+        plan = self._plan(t, keys)
+        n = plan.keys.shape[0]
+        values = np.empty((n, spec.config.dim), dtype=np.dtype(spec.config.dtype))
+        found = np.empty(n, dtype=np.bool_)
+        for sl, reply in self._fan_out(Kind.FIND, t, plan, lambda sl: [plan.keys[sl]], read=True):
+            values[sl] = reply.buffers[0]
+            found[sl] = reply.buffers[1]
+        return np.take(values, plan.inverse, axis=0), found[plan.inverse]
 
     def find_or_insert(self, table: str, keys: Any) -> np.ndarray:
         """Rows of ``keys`` (B, D), creating absent ones from the table's initializer on every replica."""
         t, spec = self.spec.table(table)
-        uniq, inverse = self._unique(keys)
-        replies = self._fan_out(Kind.FIND_OR_INSERT, t, uniq, lambda idx: [uniq[idx]], read=False)
-        values = np.empty((uniq.shape[0], spec.config.dim), dtype=np.dtype(spec.config.dtype))
-        for idx, reply in replies:
-            values[idx] = reply.buffers[0]
-        return values[inverse]
+        plan = self._plan(t, keys)
+        values = np.empty((plan.keys.shape[0], spec.config.dim), dtype=np.dtype(spec.config.dtype))
+        for sl, reply in self._fan_out(Kind.FIND_OR_INSERT, t, plan, lambda sl: [plan.keys[sl]], read=False):
+            values[sl] = reply.buffers[0]
+        return np.take(values, plan.inverse, axis=0)
 
     def assign(self, table: str, keys: Any, values: Any, *, only_existing: bool = False) -> None:
         """Write ``values`` (B, D) to ``keys`` on every replica (inserting absent keys
         unless ``only_existing``). Of a key repeated in the batch, the last value wins."""
         t, spec = self.spec.table(table)
-        k = _keys(keys)
-        v = np.ascontiguousarray(values, dtype=np.dtype(spec.config.dtype))
-        if v.shape != (k.shape[0], spec.config.dim):
-            raise ValueError(f"values: expected ({k.shape[0]}, {spec.config.dim}), got {v.shape}")
-        uniq, first = _last_of_each(k)
-        vals = v[first]
-        self._fan_out(Kind.ASSIGN, t, uniq, lambda idx: [uniq[idx], vals[idx]], read=False,
+        plan = self._plan(t, keys)
+        v = np.asarray(values)
+        if v.shape != (plan.inverse.shape[0], spec.config.dim):
+            raise ValueError(f"values: expected ({plan.inverse.shape[0]}, {spec.config.dim}), got {v.shape}")
+        vals = np.ascontiguousarray(np.take(v, plan.last, axis=0), dtype=np.dtype(spec.config.dtype))
+        self._fan_out(Kind.ASSIGN, t, plan, lambda sl: [plan.keys[sl], vals[sl]], read=False,
                       aux=int(only_existing))
 
     def apply_gradients(self, table: str, keys: Any, grads: Any, lr: float) -> np.ndarray:
@@ -204,27 +202,26 @@ class PSClient:
         Returns: (B,) mask of the keys found.
         """
         t, spec = self.spec.table(table)
-        k = _keys(keys)
+        plan = self._plan(t, keys)
         g = np.ascontiguousarray(grads, dtype=np.float32 if spec.config.dtype == "float32" else np.float64)
-        if g.shape != (k.shape[0], spec.config.dim):
-            raise ValueError(f"grads: expected ({k.shape[0]}, {spec.config.dim}), got {g.shape}")
-        if not (isinstance(lr, (int, float)) and np.isfinite(lr) and lr >= 0):
+        if g.shape != (plan.inverse.shape[0], spec.config.dim):
+            raise ValueError(f"grads: expected ({plan.inverse.shape[0]}, {spec.config.dim}), got {g.shape}")
+        real = isinstance(lr, (int, float, np.floating)) and not isinstance(lr, bool)
+        if not (real and np.isfinite(lr) and lr >= 0):
             raise ValueError(f"lr: expected a finite number >= 0, got {lr!r}")
-        uniq, inverse = self._unique(k)
-        summed = np.zeros((uniq.shape[0], g.shape[1]), dtype=g.dtype)
-        np.add.at(summed, inverse, g)
+        summed = sum_rows(g, plan)
         lr_buf = np.array([lr], dtype=np.float64)
-        found = np.empty(uniq.shape[0], dtype=np.bool_)
-        for idx, reply in self._fan_out(Kind.APPLY_GRADIENTS, t, uniq,
-                                        lambda idx: [uniq[idx], summed[idx], lr_buf], read=False):
-            found[idx] = reply.buffers[0]
-        return found[inverse]
+        found = np.empty(plan.keys.shape[0], dtype=np.bool_)
+        for sl, reply in self._fan_out(Kind.APPLY_GRADIENTS, t, plan,
+                                       lambda sl: [plan.keys[sl], summed[sl], lr_buf], read=False):
+            found[sl] = reply.buffers[0]
+        return found[plan.inverse]
 
     def erase(self, table: str, keys: Any) -> int:
-        """Remove ``keys`` from every replica; the number of keys that were present."""
+        """Remove ``keys`` from every replica; the number of distinct keys that were present."""
         t, _ = self.spec.table(table)
-        uniq, _ = self._unique(keys)
-        replies = self._fan_out(Kind.ERASE, t, uniq, lambda idx: [uniq[idx]], read=False)
+        plan = self._plan(t, keys)
+        replies = self._fan_out(Kind.ERASE, t, plan, lambda sl: [plan.keys[sl]], read=False)
         return int(sum(int(r.buffers[0][0]) for _, r in replies))
 
     def node_stats(self) -> dict[str, Any]:
@@ -257,54 +254,40 @@ class PSClient:
 
     # -- splitting and joining ----------------------------------------------------------------
 
-    @staticmethod
-    def _unique(keys: Any) -> tuple[np.ndarray, np.ndarray]:
-        k = _keys(keys)
-        uniq, inverse = np.unique(k, return_inverse=True)
-        return uniq, inverse
-
-    def _fan_out(self, kind: Kind, t: int, uniq: np.ndarray, bufs: Callable[[np.ndarray], list[np.ndarray]],
-                 *, read: bool, aux: int = 0) -> list[tuple[np.ndarray, Frame]]:
-        """Split ``uniq`` by shard, run one call per shard (reads) or per replica (writes).
-
-        ``bufs(idx)`` builds a request's buffers for the keys ``uniq[idx]`` of one
-        shard. Returns (positions in ``uniq``, reply) per shard.
-        """
+    def _plan(self, t: int, keys: Any) -> Plan:
         nshards = self.spec.tables[t].shards
-        if nshards == 1:
-            order = np.arange(uniq.shape[0])
-            bounds = np.array([0, uniq.shape[0]])
-        else:
-            sid = self.spec.shard_of(t, uniq)
-            order = np.argsort(sid, kind="stable")
-            bounds = np.concatenate([[0], np.cumsum(np.bincount(sid, minlength=nshards))])
-        groups: list[tuple[np.ndarray, list[_Call]]] = []
-        rid = next(self._ids)
-        for s in range(nshards):
-            lo, hi = int(bounds[s]), int(bounds[s + 1])
-            if lo == hi:
+        return make_plan(_keys(keys), nshards, lambda u: self.spec.shard_of(t, u))
+
+    def _fan_out(self, kind: Kind, t: int, plan: Plan, bufs: Callable[[slice], list[np.ndarray]],
+                 *, read: bool, aux: int = 0) -> list[tuple[slice, Frame]]:
+        """One call per shard (reads) or shard replica (writes); (slice of ``plan.keys``, reply) per shard.
+
+        ``bufs(sl)`` builds the request buffers for the keys ``plan.keys[sl]`` of one shard.
+        """
+        groups: list[tuple[slice, list[_Call]]] = []
+        for s in range(self.spec.tables[t].shards):
+            sl = plan.shard(s)
+            if sl.start == sl.stop:
                 continue
-            idx = order[lo:hi]
-            frame = Frame(kind, bufs(idx), request_id=rid, table=t, shard=s, aux=aux)
-            rid = next(self._ids)
+            frame = Frame(kind, bufs(sl), request_id=next(self._ids), table=t, shard=s, aux=aux)
             replicas = self.spec.replicas(t, s)
             if read:
                 calls = [_Call(frame, self.router.order(replicas), read=True)]
-            else:  # each replica gets the same id, so a retried write applies once per replica
+            else:  # every replica gets the same id, so a retried write applies once per replica
                 calls = [_Call(frame, [n], read=False) for n in replicas]
-            groups.append((idx, calls))
+            groups.append((sl, calls))
         self.stats.calls += 1
         self._run([c for _, cs in groups for c in cs])
         out = []
-        for idx, calls in groups:
-            ok = [c for c in calls if c.reply is not None]
+        for sl, calls in groups:
+            ok = [c.reply for c in calls if c.reply is not None]
             if not ok:
                 self.stats.failed_calls += 1
                 raise next((c.error for c in calls if c.error is not None),
                            PeerUnavailable(f"no replica of table {t} shard {calls[0].frame.shard} answered"))
             self.stats.failed_replica_writes += len(calls) - len(ok)
-            out.append((idx, ok[0].reply))
-        return [(i, r) for i, r in out if r is not None]
+            out.append((sl, ok[0]))
+        return out
 
     def _one(self, node: str, frame: Frame, timeout_s: float | None = None) -> Frame:
         frame.request_id = next(self._ids)
@@ -354,7 +337,9 @@ class PSClient:
             for c in [c for cs in pending.values() for c in cs]:
                 if c.terminal or c.reply is not None or c.conn is None:
                     continue
-                if now - c.sent_at > attempt_s:
+                # Give up on an attempt early only when there is somewhere else to go;
+                # the last option waits for the call's deadline (a slow reply beats none).
+                if now - c.sent_at > attempt_s and (c.transports or c.candidates):
                     self._attempt_failed(c, DeadlineExceeded(
                         f"no reply in {attempt_s:.3f} s", deadline_s=attempt_s, peer=c.node,
                         transport=c.transport), pending, one_sided, deadline)
@@ -548,10 +533,4 @@ def _keys(keys: Any) -> np.ndarray:
         raise ValueError(f"keys: {k.shape[0]} keys in one call, at most {MAX_KEYS}")
     return np.ascontiguousarray(k, dtype=np.uint64)
 
-
-def _last_of_each(k: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Unique keys (sorted) and the position of each one's last occurrence in ``k``."""
-    rev = k[::-1]
-    uniq, first_in_rev = np.unique(rev, return_index=True)
-    return uniq, k.shape[0] - 1 - first_in_rev
 
