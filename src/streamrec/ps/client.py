@@ -69,7 +69,8 @@ class ClientStats:
     failed_calls: int = 0
     hedged: int = 0
     failed_replica_writes: int = 0
-    by_transport: dict[str, int] = field(default_factory=dict)
+    by_transport: dict[str, int] = field(default_factory=dict)  # requests answered OK, per transport
+    by_node: dict[str, int] = field(default_factory=dict)  # requests answered OK, per node
 
 
 @dataclass
@@ -442,6 +443,7 @@ class PSClient:
         self._leave(c, ok=True)  # the node answered, even if with an error
         if reply.status == Status.OK:
             self.stats.by_transport[c.transport] = self.stats.by_transport.get(c.transport, 0) + 1
+            self.stats.by_node[c.node] = self.stats.by_node.get(c.node, 0) + 1
             self._settle(c, reply, None, pending)
             return
         status = Status(reply.status) if reply.status in Status._value2member_map_ else Status.INTERNAL
