@@ -8,6 +8,7 @@ or ``ps``.
 Thread safety: specs are frozen and shareable; other classes state their own rule.
 """
 
+from streamrec.cluster.router import Breaker, Place, Router, RouterConfig
 from streamrec.cluster.spec import (
     ClusterSpec,
     NodeSpec,
@@ -16,8 +17,6 @@ from streamrec.cluster.spec import (
     embedded_spec,
     load_cluster_spec,
 )
-
-from streamrec.cluster.router import Breaker, Place, Router, RouterConfig
 
 __all__ = [
     "Breaker",
