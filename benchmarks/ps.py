@@ -1,0 +1,214 @@
+"""Benchmark: parameter-server lookups by transport, against grpcio, a conventional PS and Redis.
+
+A storage process (``streamrec ps serve``) holds N rows of dim 64 float32
+(N = 5 M, 500 k with ``--quick``) in one shard, in a live directory in
+/dev/shm; client processes look up batches of 4096 uniform random keys. Each
+path is measured with one client (latency: p50/p99) and at saturation (two
+client processes on the two cores: keys/s), every reply checked against the
+rows loaded. Paths:
+
+- ``one_sided``: the client maps the table's files read-only and runs the
+  lookup itself; the storage process spends no CPU.
+- ``shm``: request and reply rings in shared memory, wake-ups over a socket.
+- ``rdma``: UCX through ``ucxx`` (skipped with the reason when not installed).
+- ``tcp``: pyzmq, zero-copy parts.
+
+Baselines in the same run, over the same rows (``_ps_baselines``):
+
+- ``grpc``: grpcio unary with the same payload in front of the same table.
+- ``conventional``: a Python dict of key -> row over a numpy array behind
+  grpcio: what a team writes first (the seed's old engine behind TCP).
+- ``redis``: MGET of the same rows via redis-py + hiredis (skipped with the
+  reason when there is no redis-server).
+
+Figures: ``best_over_conventional`` (target >= 3.7, the seed's +270 %),
+``best_over_tcp`` (one-sided or shm over our TCP, target >= 2),
+``tcp_over_grpc`` (target >= 1.5), ``best_over_redis`` (target >= 10); also
+CPU-seconds per million keys on each side, and how much of each path's median
+latency is the table's own lookup (timed in this process on the same files).
+
+Run: ``python benchmarks/ps.py [--quick] [--json]`` or ``streamrec bench ps``.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _common import Report, bench_args, console, finish, progress, redis_server
+from _ps_baselines import (
+    GrpcFindClient,
+    LoadResult,
+    RedisFindClient,
+    fill_values,
+    load_redis,
+    run_clients,
+    serve_conventional,
+    serve_grpc_table,
+    served,
+)
+from _ps_ours import make_ps_client
+
+from streamrec.ps import PSClient
+from streamrec.ps.local import LocalCluster, loopback_spec
+from streamrec.ps.onesided import OneSidedReader
+
+DIM = 64
+BATCH = 4096
+OURS = ("one_sided", "shm", "rdma", "tcp")
+PATHS = (*OURS, "grpc", "conventional", "redis")
+
+
+def _has_ucxx() -> str | None:
+    try:
+        import ucxx  # noqa: F401
+    except ImportError as exc:
+        return f"ucxx is not installed (pip install 'streamrec[rdma]'): {exc}"
+    return None
+
+
+def _measure(make: Any, rows: int, seconds: float, clients: int, pids: tuple[int, ...],
+             quick: bool) -> tuple[LoadResult | None, LoadResult]:
+    """(single-client run, saturated run); quick mode skips the single-client run."""
+    single = None if quick else run_clients(make, clients=1, seconds=seconds, keys=rows, server_pids=pids)
+    sat = run_clients(make, clients=clients, seconds=seconds, keys=rows, server_pids=pids)
+    return single, sat
+
+
+def _lookup_ms(live_dir: Path, rows: int) -> float:
+    """Median ms of the table's own lookup of one batch, in this process, on the server's files."""
+    rng = np.random.default_rng(9)
+    with OneSidedReader(live_dir) as reader:
+        times = []
+        for i in range(230):
+            keys = rng.integers(0, rows, BATCH, dtype=np.uint64)
+            t0 = time.perf_counter()
+            reader.find(keys)
+            if i >= 30:
+                times.append(time.perf_counter() - t0)
+    return float(np.median(times) * 1e3)
+
+
+def _ours(rows: int, seconds: float, clients: int, quick: bool,
+          results: dict[str, tuple[LoadResult | None, LoadResult] | str]) -> float:
+    spec = loopback_spec(f"bench-{os.getpid()}", zones=1, nodes_per_zone=1, shards=1, optimizer="none",
+                         metrics=False)
+    node = spec.nodes[0].name
+    no_rdma = _has_ucxx()
+    with LocalCluster(spec, args=() if no_rdma else ("--rdma",)) as cluster:
+        cluster.start()
+        pid = cluster.pid(node)
+        assert pid is not None
+        loader = PSClient(spec, local=node, transports=("shm", "tcp"))
+        chunk = 131_072
+        with progress() as bar:
+            task = bar.add_task(f"loading {rows:,} rows into the storage process", total=rows)
+            for lo in range(0, rows, chunk):
+                keys = np.arange(lo, min(lo + chunk, rows), dtype=np.uint64)
+                loader.assign("emb", keys, fill_values(keys, DIM))
+                bar.update(task, advance=keys.size)
+        loader.close()
+        lookup = _lookup_ms(spec.data_dir(node) / "emb-0", rows)
+        for path in OURS:
+            if path == "rdma" and no_rdma:
+                results[path] = no_rdma
+                continue
+            console.print(f"  {path} ...")
+            make = functools.partial(make_ps_client, str(cluster.spec_path), path, node)
+            results[path] = _measure(make, rows, seconds, clients, (pid,), quick)
+    return lookup
+
+
+def _baselines(rows: int, seconds: float, clients: int, quick: bool,
+               results: dict[str, tuple[LoadResult | None, LoadResult] | str]) -> None:
+    for name, target in (("grpc", serve_grpc_table), ("conventional", serve_conventional)):
+        console.print(f"  {name}: filling its server ...")
+        with served(target, rows, DIM) as srv:
+            make = functools.partial(GrpcFindClient, srv.address)
+            results[name] = _measure(make, rows, seconds, clients, (srv.pid,), quick)
+    with redis_server() as where:
+        if isinstance(where, str):
+            results["redis"] = where
+            return
+        import redis
+
+        host, port = where
+        console.print("  redis: loading ...")
+        r = redis.Redis(host=host, port=port)
+        load_redis(r, rows, DIM)
+        pid = int(r.info("server")["process_id"])
+        r.close()
+        results["redis"] = _measure(functools.partial(RedisFindClient, port, DIM), rows, seconds, clients,
+                                    (pid,), quick)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = bench_args(__doc__.splitlines()[0], argv)
+    rows = 500_000 if args.quick else 5_000_000
+    seconds = 1.5 if args.quick else 3.0
+    clients = 2  # two client processes keep both cores busy (the server's threads compete for them too)
+    results: dict[str, tuple[LoadResult | None, LoadResult] | str] = {}
+    console.print(f"[bold]ps[/]: {rows:,} rows, dim {DIM}, batches of {BATCH}, {seconds} s per run")
+    lookup_ms = _ours(rows, seconds, clients, args.quick, results)
+    _baselines(rows, seconds, clients, args.quick, results)
+
+    keys_per_s: dict[str, float | None] = {}
+    p99: dict[str, float | None] = {}
+    rep = Report(f"ps lookups: {rows:,} rows, batches of {BATCH}, saturation = {clients} client processes")
+    for path in PATHS:
+        res = results.get(path)
+        if res is None or isinstance(res, str):
+            keys_per_s[path] = p99[path] = None
+            rep.note(f"{path}: skipped: {res}")
+            continue
+        single, sat = res
+        lat = single or sat
+        keys_per_s[path] = sat.keys_per_s
+        p99[path] = lat.p99_ms
+        srv = sat.server_cpu_s_per_million_keys
+        share = max(0.0, 1 - lookup_ms / lat.p50_ms) if path in OURS or path == "grpc" else None
+        rep.add(f"{path}: keys/s (saturated)", "",
+                f"{sat.keys_per_s / 1e6:.2f} M ({sat.round_trips_per_s:,.0f} round trips/s)")
+        rep.add(f"{path}: latency ({'1 client' if single else 'saturated'})", "",
+                f"p50 {lat.p50_ms:.2f} ms, p99 {lat.p99_ms:.2f} ms"
+                + (f"; {100 * share:.0f} % transport" if share is not None else ""))
+        rep.add(f"{path}: CPU s per M keys", "", f"client {sat.client_cpu_s_per_million_keys:.3f}, server "
+                + (f"{srv:.3f}" if srv is not None else "-"))
+
+    def rate(p: str) -> float:
+        return keys_per_s.get(p) or 0.0
+
+    best_path = max(OURS, key=rate)
+    best = rate(best_path)
+    fast_local = max(rate("one_sided"), rate("shm"))
+    figures: dict[str, Any] = {
+        "keys_per_s": keys_per_s,
+        "p99_ms": p99,
+        "best_over_conventional": best / rate("conventional") if rate("conventional") else None,
+        "best_over_tcp": fast_local / rate("tcp") if rate("tcp") else None,
+        "tcp_over_grpc": rate("tcp") / rate("grpc") if rate("grpc") else None,
+        "best_over_redis": best / rate("redis") if rate("redis") else None,
+    }
+    for key, target, text in (("best_over_conventional", ">= 3.7", f"{best_path} / conventional"),
+                              ("best_over_tcp", ">= 2", "max(one_sided, shm) / tcp"),
+                              ("tcp_over_grpc", ">= 1.5", "tcp / grpc"),
+                              ("best_over_redis", ">= 10", f"{best_path} / redis MGET")):
+        v = figures[key]
+        rep.add(key, f"{v:.2f}x" if v is not None else "skipped", text, target)
+    rep.note(f"the table's own lookup of one batch (one thread, same files, no transport): "
+             f"{lookup_ms:.3f} ms; '% transport' is the rest of each path's median latency")
+    rep.note("our storage process keeps its table in /dev/shm (shared with one-sided readers), where this "
+             "kernel gives no huge pages; the grpc baseline's table is anonymous memory with huge pages")
+    return finish(rep, figures, args.json)
+
+
+if __name__ == "__main__":
+    main()
