@@ -95,6 +95,28 @@ def _sum_rows(rows: np.ndarray, inverse: np.ndarray, out: np.ndarray) -> None:
             o[d] += r[d]
 
 
+@kernel
+def _gather(src: np.ndarray, src_found: np.ndarray, inverse: np.ndarray, lo: int, hi: int,
+            out: np.ndarray, out_found: np.ndarray) -> None:
+    """out[i] = src[inverse[i] - lo] for the caller keys whose distinct key lies in [lo, hi).
+
+    Requires: src (hi - lo, D), out (B, D); src_found (hi - lo,) and out_found (B,),
+    or both empty to skip the mask.
+    """
+    dim = src.shape[1]
+    mask = src_found.shape[0] > 0
+    for i in range(inverse.shape[0]):
+        p = inverse[i]
+        if lo <= p < hi:
+            r = p - lo
+            o = out[i]
+            s = src[r]
+            for d in range(dim):
+                o[d] = s[d]
+            if mask:
+                out_found[i] = src_found[r]
+
+
 @dataclass(frozen=True)
 class Plan:
     """One call's keys, arranged for the shards.
@@ -116,6 +138,16 @@ class Plan:
 
     def shard(self, s: int) -> slice:
         return slice(int(self.bounds[s]), int(self.bounds[s + 1]))
+
+    def scatter(self, sl: slice, src: np.ndarray, src_found: np.ndarray | None, out: np.ndarray,
+                out_found: np.ndarray | None) -> None:
+        """Copy one shard's reply rows (for ``keys[sl]``) to every caller position that asked for them.
+
+        ``src`` (n_s, D) -> ``out`` (B, D); likewise ``src_found`` -> ``out_found`` when given.
+        """
+        none = np.empty(0, dtype=np.bool_)
+        _gather(src, none if src_found is None else src_found, self.inverse, sl.start, sl.stop, out,
+                none if out_found is None else out_found)
 
 
 def make_plan(keys: np.ndarray, nshards: int, shard_of: Callable[[np.ndarray], np.ndarray]) -> Plan:

@@ -168,22 +168,22 @@ class PSClient:
         """
         t, spec = self.spec.table(table)
         plan = self._plan(t, keys)
-        n = plan.keys.shape[0]
-        values = np.empty((n, spec.config.dim), dtype=np.dtype(spec.config.dtype))
-        found = np.empty(n, dtype=np.bool_)
+        b = plan.inverse.shape[0]
+        values = np.empty((b, spec.config.dim), dtype=np.dtype(spec.config.dtype))
+        found = np.empty(b, dtype=np.bool_)
         for sl, reply in self._fan_out(Kind.FIND, t, plan, lambda sl: [plan.keys[sl]], read=True):
-            values[sl] = reply.buffers[0]
-            found[sl] = reply.buffers[1]
-        return np.take(values, plan.inverse, axis=0), found[plan.inverse]
+            got, got_found = _checked(reply, 2, sl, spec.config.dim, values.dtype)
+            plan.scatter(sl, got, got_found, values, found)
+        return values, found
 
     def find_or_insert(self, table: str, keys: Any) -> np.ndarray:
         """Rows of ``keys`` (B, D), creating absent ones from the table's initializer on every replica."""
         t, spec = self.spec.table(table)
         plan = self._plan(t, keys)
-        values = np.empty((plan.keys.shape[0], spec.config.dim), dtype=np.dtype(spec.config.dtype))
+        values = np.empty((plan.inverse.shape[0], spec.config.dim), dtype=np.dtype(spec.config.dtype))
         for sl, reply in self._fan_out(Kind.FIND_OR_INSERT, t, plan, lambda sl: [plan.keys[sl]], read=False):
-            values[sl] = reply.buffers[0]
-        return np.take(values, plan.inverse, axis=0)
+            plan.scatter(sl, _checked(reply, 1, sl, spec.config.dim, values.dtype)[0], None, values, None)
+        return values
 
     def assign(self, table: str, keys: Any, values: Any, *, only_existing: bool = False) -> None:
         """Write ``values`` (B, D) to ``keys`` on every replica (inserting absent keys
@@ -521,6 +521,18 @@ def _unpend(c: _Call, pending: _Pending) -> None:
         cs.remove(c)
         if not cs:
             del pending[c.frame.request_id]
+
+
+def _checked(reply: Frame, nbufs: int, sl: slice, dim: int, dtype: np.dtype) -> list[np.ndarray]:
+    """A reply's values (and found mask) after checking they fit the request: a peer's
+    bytes are never trusted to have the shape we asked for."""
+    n = sl.stop - sl.start
+    bufs = reply.buffers
+    if len(bufs) != nbufs or bufs[0].shape != (n, dim) or bufs[0].dtype != dtype or (
+            nbufs == 2 and (bufs[1].shape != (n,) or bufs[1].dtype != np.bool_)):
+        raise RemoteError(f"reply does not fit the request: {[(b.dtype.str, b.shape) for b in bufs]} "
+                          f"for {n} keys of dim {dim}", status=int(Status.BAD_FRAME))
+    return bufs
 
 
 def _keys(keys: Any) -> np.ndarray:
