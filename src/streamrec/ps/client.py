@@ -448,6 +448,14 @@ class PSClient:
             return
         status = Status(reply.status) if reply.status in Status._value2member_map_ else Status.INTERNAL
         err = RemoteError(reply.text() or status.name, status=int(status), peer=c.node, transport=c.transport)
+        if status == Status.TOO_LARGE and c.transports:  # over this transport's cap (a shm ring): next one
+            _unpend(c, pending)
+            c.conn, c.last_error = None, err
+            self._count_retry(c)
+            if not self._send(c, pending, one_sided, deadline) and not self._next_node(c, pending, one_sided,
+                                                                                       deadline):
+                self._settle(c, None, err, pending)
+            return
         if status.retriable:  # it cannot serve now (filling, overloaded): its other transports would not help
             _unpend(c, pending)
             c.conn, c.last_error = None, err
