@@ -452,8 +452,12 @@ class PSClient:
             _unpend(c, pending)
             c.conn, c.last_error = None, err
             self._count_retry(c)
-            if not self._send(c, pending, one_sided, deadline) and not self._next_node(c, pending, one_sided,
-                                                                                       deadline):
+            self.router.start(c.node)  # back on the same node, on its next transport
+            c.in_node, c.node_started = True, time.monotonic()
+            if self._send(c, pending, one_sided, deadline):
+                return
+            self._leave(c, ok=True)
+            if not self._next_node(c, pending, one_sided, deadline):
                 self._settle(c, None, err, pending)
             return
         if status.retriable:  # it cannot serve now (filling, overloaded): its other transports would not help

@@ -352,15 +352,34 @@ class IndexGeneration:
     """One index generation: its memory, the three views, and its retired flag.
 
     A table replaces its generation when it grows; readers still on the old one
-    see ``retired`` set and restart on the new one.
+    see ``retired`` set and restart on the new one. In a file-backed generation
+    (``region.path`` set) the flag is the int64 right after the buckets (the
+    trailer of ``index-N.bin``, see ``_persist``), so readers in other processes
+    that map the file see the retirement too; otherwise it is private memory.
     """
 
     def __init__(self, buckets: int, huge_pages: bool, region: Region | None = None) -> None:
         self.region = region or Region(buckets * BUCKET_BYTES, huge_pages=huge_pages)
-        self.idx64 = self.region.array(np.uint64, (buckets, BUCKET_BYTES // 8))
-        self.idx32 = self.region.array(np.uint32, (buckets, BUCKET_BYTES // 4))
-        self.idx8 = self.region.array(np.uint8, (buckets, BUCKET_BYTES))
+        mem = self.region.array(np.uint8, (self.region.nbytes,))
+        self.idx64, self.idx32, self.idx8 = self.views(mem, buckets)
         # Set to 1 (once, by the writer) when a newer index replaces this one;
         # readers still on it see the flag and restart on the new one.
-        self.retired = np.zeros(1, dtype=np.int64)
+        self.retired = self.file_flag(mem, buckets) if self.region.path is not None else np.zeros(1, np.int64)
         self.buckets = buckets
+
+    @staticmethod
+    def views(mem: np.ndarray, buckets: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``(idx64, idx32, idx8)`` over the first ``buckets`` * 64 bytes of ``mem``.
+
+        Requires: mem uint8, C-contiguous, 8-byte aligned (a mapping's start).
+        """
+        raw = mem[: buckets * BUCKET_BYTES]
+        return (raw.view(np.uint64).reshape(buckets, BUCKET_BYTES // 8),
+                raw.view(np.uint32).reshape(buckets, BUCKET_BYTES // 4),
+                raw.reshape(buckets, BUCKET_BYTES))
+
+    @staticmethod
+    def file_flag(mem: np.ndarray, buckets: int) -> np.ndarray:
+        """The retired flag of a file-backed generation: int64 (1,), right after the buckets."""
+        at = buckets * BUCKET_BYTES
+        return mem[at:at + 8].view(np.int64)

@@ -13,7 +13,16 @@ A live directory::
                      generation, bucket count, index crc32, the counters
     arena.bin        the row arena (grows with the high-water mark, never shrinks)
     free.bin         the free-row list
-    index-N.bin      the current index (generation N; a growth writes N+1)
+    index-N.bin      the current index (generation N; a growth writes N+1):
+                     the buckets, then one trailer page whose first int64 is
+                     the retired flag (zero in the current index, as is the
+                     rest of the page)
+
+A growth builds index-(N+1).bin, publishes it in state.bin (bucket count, then
+generation), then sets index-N.bin's retired flag, then unlinks index-N.bin. In
+that order a reader in another process (``LiveView``, ``ps.onesided``) that
+sees the flag finds the new generation in state.bin, and one that finds its
+file gone re-reads state.bin; a mapping of an unlinked file stays readable.
 
 The dirty flag is set before the first write after a clean state and cleared
 only by ``close()``, after every file is flushed and the index checksummed: a
@@ -30,14 +39,17 @@ with a child, not copied, so such a table snapshots in-process instead, under
 its writer lock.
 
 Thread safety: ``LiveFiles`` is used under the table's writer lock;
-``SnapshotJob`` by the thread that started it.
+``SnapshotJob`` by the thread that started it; ``LiveView`` is read-only
+(one aligned word per read) and may be shared by threads until ``close``.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import mmap
 import os
+import time
 import traceback
 import zlib
 from collections.abc import Callable, Mapping
@@ -49,17 +61,28 @@ import numpy as np
 
 from streamrec.errors import SnapshotError
 from streamrec.store._files import write_snapshot
+from streamrec.store._index import BUCKET_BYTES
 from streamrec.store._memory import Region
 
-__all__ = ["LiveFiles", "SnapshotJob", "is_live_dir", "is_snapshot_dir", "run_snapshot"]
+__all__ = [
+    "LiveFiles",
+    "LiveView",
+    "SnapshotJob",
+    "index_file_bytes",
+    "is_live_dir",
+    "is_snapshot_dir",
+    "run_snapshot",
+]
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: index-N.bin ends in a trailer page holding its retired flag
 _MAGIC = 0x5352_4543_5441_424C  # "SRECTABL"
 _PAGE = 4096
 # state.bin, int64 words
 _S_MAGIC, _S_VERSION, _S_DIRTY, _S_INDEX_GEN, _S_BUCKETS, _S_INDEX_CRC, _S_EPOCH, _S_CNT_CRC = range(8)
 _S_CNT = 8  # the table's counters start here
 _S_CNT_LEN = 4
+_INDEX_TRAILER = _PAGE  # a page, so the buckets before it keep their own pages
+_VIEW_PATIENCE_S = 2.0  # how long LiveView waits for state.bin and the index files to agree
 
 
 _DIGEST_CHUNK = 4 << 20
@@ -79,6 +102,23 @@ def index_digest(index: np.ndarray) -> int:
     else:
         crcs = [zlib.crc32(p) for p in parts]
     return zlib.crc32(np.array(crcs, dtype=np.uint32).tobytes())
+
+
+def index_file_bytes(buckets: int) -> int:
+    """Bytes of an index-N.bin holding ``buckets`` buckets: the buckets, then the trailer."""
+    return buckets * BUCKET_BYTES + _INDEX_TRAILER
+
+
+def _read_meta(p: Path) -> dict[str, Any]:
+    """TABLE.json of a live directory of this format, or SnapshotError."""
+    try:
+        meta = json.loads((p / "TABLE.json").read_text())
+    except (OSError, ValueError) as exc:
+        raise SnapshotError(f"TABLE.json unreadable: {exc}", path=str(p)) from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT_VERSION:
+        fmt = meta.get("format") if isinstance(meta, dict) else None
+        raise SnapshotError(f"TABLE.json: unknown format {fmt!r}", path=str(p))
+    return meta
 
 
 def is_live_dir(path: str | os.PathLike[str]) -> bool:
@@ -123,12 +163,7 @@ class LiveFiles:
     @classmethod
     def open(cls, root: str | os.PathLike[str]) -> LiveFiles:
         p = Path(root)
-        try:
-            meta = json.loads((p / "TABLE.json").read_text())
-        except (OSError, ValueError) as exc:
-            raise SnapshotError(f"TABLE.json unreadable: {exc}", path=str(p)) from None
-        if not isinstance(meta, dict) or meta.get("format") != FORMAT_VERSION:
-            raise SnapshotError(f"TABLE.json: unknown format {meta.get('format')!r}", path=str(p))
+        meta = _read_meta(p)
         if not (p / "state.bin").is_file() or (p / "state.bin").stat().st_size != _PAGE:
             raise SnapshotError("state.bin missing or torn", path=str(p))
         self = cls(p, meta, Region.file(str(p / "state.bin"), _PAGE))
@@ -155,30 +190,47 @@ class LiveFiles:
         return Region.file(str(self.root / "free.bin"), reserve)
 
     def new_index(self, buckets: int, nbytes: int) -> Region:
-        """A fresh index file for the next generation (made current by ``index_done``)."""
+        """A fresh index file for the next generation (made current by ``index_done``).
+
+        ``nbytes`` of buckets, then the zeroed trailer (``index_file_bytes``).
+        """
         gen = int(self.state[_S_INDEX_GEN]) + 1
         path = self.root / f"index-{gen}.bin"
         path.unlink(missing_ok=True)
-        return Region.file(str(path), nbytes, size=nbytes)
+        return Region.file(str(path), nbytes + _INDEX_TRAILER, size=nbytes + _INDEX_TRAILER)
 
-    def index_done(self, buckets: int) -> None:
-        """The newest index file is now the table's; drop the older one."""
+    def index_done(self, buckets: int) -> int:
+        """Publish the newest index file as the table's; returns the generation it replaced.
+
+        Requires: the new index is complete. The caller then sets the old
+        generation's retired flag and only then calls ``drop_index`` on it.
+        """
         old = int(self.state[_S_INDEX_GEN])
-        self.state[_S_INDEX_GEN] = old + 1
+        # Bucket count first: a reader that sees the new generation sees its size.
         self.state[_S_BUCKETS] = buckets
-        (self.root / f"index-{old}.bin").unlink(missing_ok=True)
+        self.state[_S_INDEX_GEN] = old + 1
+        return old
+
+    def drop_index(self, gen: int) -> None:
+        """Unlink a replaced index file (processes that mapped it keep reading it)."""
+        (self.root / f"index-{gen}.bin").unlink(missing_ok=True)
 
     def current_index(self) -> tuple[Region, int]:
-        """Map the current index read-write, verifying its size and checksum."""
+        """Map the current index read-write, verifying its size, checksum and trailer."""
         gen, buckets = int(self.state[_S_INDEX_GEN]), int(self.state[_S_BUCKETS])
         path = self.root / f"index-{gen}.bin"
-        nbytes = buckets * 64
-        if not path.is_file() or path.stat().st_size != nbytes:
-            raise SnapshotError(f"expected {nbytes} bytes of index", path=str(path))
-        region = Region.file(str(path), nbytes)
-        region.populate(nbytes)
+        nbytes = buckets * BUCKET_BYTES
+        total = index_file_bytes(buckets)
+        if not path.is_file() or path.stat().st_size != total:
+            raise SnapshotError(f"expected {total} bytes of index", path=str(path))
+        region = Region.file(str(path), total)
+        region.populate(total)
         if index_digest(region.array(np.uint8, (nbytes,))) != int(self.state[_S_INDEX_CRC]):
             raise SnapshotError("index checksum mismatch", path=str(path))
+        # The crc covers the buckets only; the current index is never retired,
+        # and the rest of its trailer is zero.
+        if region.array(np.uint8, (_INDEX_TRAILER,), offset=nbytes).any():
+            raise SnapshotError("index trailer damaged (or the index is marked retired)", path=str(path))
         return region, buckets
 
     # -- dirty flag ----------------------------------------------------------------------
@@ -222,6 +274,100 @@ class LiveFiles:
     @property
     def epoch(self) -> int:
         return int(self.state[_S_EPOCH])
+
+
+class LiveView:
+    """A live directory seen read-only from a process that is not its writer.
+
+    Maps state.bin with ``PROT_READ`` and opens files ``O_RDONLY``: it never
+    writes, truncates, creates or removes anything in the directory. The writer
+    may be running (its dirty flag is then set, as expected).
+
+    Raises:
+        SnapshotError: not a live table directory of this format, naming the path.
+    """
+
+    def __init__(self, root: str | os.PathLike[str]) -> None:
+        p = Path(root)
+        if not is_live_dir(p):
+            raise SnapshotError("not a live table directory (no TABLE.json)", path=str(p))
+        self.root = p
+        self.meta = _read_meta(p)
+        where = str(p / "state.bin")
+        try:
+            fd = os.open(where, os.O_RDONLY)
+        except OSError as exc:
+            raise SnapshotError(f"state.bin unreadable: {exc.strerror}", path=where) from None
+        try:
+            if os.fstat(fd).st_size != _PAGE:
+                raise SnapshotError("state.bin missing or torn", path=where)
+            self._mm = mmap.mmap(fd, _PAGE, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ)
+        finally:
+            os.close(fd)
+        self._state: np.ndarray | None = np.frombuffer(self._mm, np.int64)
+        if self._state[_S_MAGIC] != _MAGIC or self._state[_S_VERSION] != FORMAT_VERSION:
+            self.close()
+            raise SnapshotError("state.bin: bad magic or version", path=where)
+
+    @property
+    def state(self) -> np.ndarray:
+        if self._state is None:
+            raise ValueError(f"LiveView of {self.root} is closed")
+        return self._state
+
+    @property
+    def epoch(self) -> int:
+        return int(self.state[_S_EPOCH])
+
+    def open_arena(self) -> int:
+        """arena.bin opened read-only; the caller closes the descriptor."""
+        where = self.root / "arena.bin"
+        try:
+            return os.open(where, os.O_RDONLY)
+        except OSError as exc:
+            raise SnapshotError(f"arena.bin unreadable: {exc.strerror}", path=str(where)) from None
+
+    def open_index(self, newer_than: int = -1) -> tuple[int, int, int]:
+        """The current index file opened read-only: ``(generation, buckets, fd)``.
+
+        Retries while state.bin and the files disagree: a growth between its
+        two words, an index file unlinked after its generation was read, a
+        writer reopening the directory (it stretches the file for a moment).
+        The caller closes ``fd``.
+
+        Args:
+            newer_than: wait for a generation above this one (the caller's was retired).
+
+        Raises:
+            SnapshotError: they still disagree after 2 s.
+        """
+        deadline = time.monotonic() + _VIEW_PATIENCE_S
+        st = self.state
+        while True:
+            gen, buckets = int(st[_S_INDEX_GEN]), int(st[_S_BUCKETS])
+            path = self.root / f"index-{gen}.bin"
+            if gen > newer_than and buckets >= 2 and buckets & (buckets - 1) == 0:
+                try:
+                    fd = os.open(path, os.O_RDONLY)
+                except FileNotFoundError:
+                    pass
+                except OSError as exc:
+                    raise SnapshotError(f"index unreadable: {exc.strerror}", path=str(path)) from None
+                else:
+                    if os.fstat(fd).st_size == index_file_bytes(buckets):
+                        return gen, buckets, fd
+                    os.close(fd)
+            if time.monotonic() > deadline:
+                after = f" (a reader needs one after {newer_than})" if newer_than >= 0 else ""
+                raise SnapshotError(f"state.bin names index generation {gen} with {buckets} buckets{after}, "
+                                    "but no index file matches it", path=str(path))
+            time.sleep(0.0001)
+
+    def close(self) -> None:
+        self._state = None  # the array must go before the mapping it views
+        # A view may live on in a traceback's frame; the mapping then goes with it.
+        with contextlib.suppress(BufferError):
+            self._mm.close()
 
 
 class SnapshotJob:

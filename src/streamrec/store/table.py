@@ -625,10 +625,16 @@ class EmbeddingTable(TableFiles):
                 break
             buckets *= 2
         old, self._index = self._index, new
+        # Publish, retire, unlink, in that order (see _persist): a reader in
+        # another process that sees the flag must find the new generation in
+        # state.bin. The flag is still set before this writer touches a row
+        # through the new index, so readers on the old one never miss a write.
+        files = self._files
+        replaced = files.index_done(buckets) if files is not None else -1
         old.retired[0] = 1
+        if files is not None:
+            files.drop_index(replaced)
         self._grows += 1
-        if self._files is not None:
-            self._files.index_done(buckets)
 
     def _expire_locked(self) -> int:
         wheel = self._wheel

@@ -86,7 +86,7 @@ class Kind(IntEnum):
     ERASE = 14  # keys (B,) -> removed (1,) i64
     STATS = 15  # -> JSON (uint8)
     SNAPSHOT = 16  # -> path (uint8 UTF-8)
-    EXPORT = 17  # aux = chunk number -> keys (N,), rows (N, W); empty when done
+    EXPORT = 17  # start (1,) i64, rows (1,) i64 -> keys (N,), rows (N, W), next (1,) i64 (-1 when done)
 
 
 class Flag(IntFlag):
@@ -163,9 +163,16 @@ def _head(frame: Frame) -> bytearray:
     if len(bufs) > MAX_BUFFERS:
         raise ValueError(f"a frame holds at most {MAX_BUFFERS} buffers, got {len(bufs)}")
     out = bytearray(HEADER_BYTES + _DESC.size * len(bufs))
-    _HEAD.pack_into(out, 0, MAGIC, VERSION, frame.kind, frame.flags, frame.request_id,
-                    min(frame.deadline_us, 0xFFFF_FFFF), frame.table, frame.shard, len(bufs),
-                    frame.status, frame.aux)
+    try:
+        _HEAD.pack_into(out, 0, MAGIC, VERSION, frame.kind, frame.flags, frame.request_id,
+                        min(frame.deadline_us, 0xFFFF_FFFF), frame.table, frame.shard, len(bufs),
+                        frame.status, frame.aux)
+    except struct.error as exc:
+        raise ValueError(f"a header field is out of its wire range (kind u8, flags u16, request_id u64, "
+                         f"deadline_us u32, table u16, shard u16, status u16, aux u32): kind={frame.kind} "
+                         f"flags={frame.flags} request_id={frame.request_id} deadline_us={frame.deadline_us} "
+                         f"table={frame.table} shard={frame.shard} status={frame.status} "
+                         f"aux={frame.aux}") from exc
     for i, b in enumerate(bufs):
         code = _CODES.get(b.dtype)
         if code is None:
@@ -175,6 +182,8 @@ def _head(frame: Frame) -> bytearray:
             raise ValueError(f"buffer {i}: expected 1 or 2 dimensions, got shape {b.shape}")
         if not b.flags.c_contiguous:
             raise ValueError(f"buffer {i}: must be C-contiguous")
+        if b.ndim == 2 and b.shape[1] == 0:  # the descriptor's cols 0 means 1-D: it could not be decoded
+            raise ValueError(f"buffer {i}: a 2-D buffer needs at least one column, got shape {b.shape}")
         cols = b.shape[1] if b.ndim == 2 else 0
         _DESC.pack_into(out, HEADER_BYTES + _DESC.size * i, code, b.ndim, 0, cols, b.nbytes)
     return out
