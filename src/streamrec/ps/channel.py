@@ -185,7 +185,7 @@ class NodeLink:
 
             try:
                 r = OneSidedReader(path)
-            except (OSError, SnapshotError) as exc:
+            except (OSError, MemoryError, SnapshotError) as exc:
                 self.failed("one_sided")
                 raise PeerUnavailable(f"cannot map {path}: {exc}", peer=self.node.name,
                                       transport="one_sided") from exc
