@@ -15,7 +15,9 @@ cheaper than pinning).
 Failure detection: a zmq socket reconnects silently, so a dead peer shows as
 silence. The connection therefore watches its socket's monitor for
 ``DISCONNECTED`` and raises ``PeerUnavailable`` for calls in flight at once
-instead of waiting out their deadline; ``IMMEDIATE`` keeps zmq from queueing
+instead of waiting out their deadline, and for ``CONNECT_RETRIED`` (the connect
+was refused), so a send to a node that is down fails at once instead of waiting
+out ``connect_timeout_s``; ``IMMEDIATE`` keeps zmq from queueing
 requests for a peer that is not connected (they would otherwise reach a
 restarted server long after the caller gave up).
 
@@ -77,8 +79,11 @@ class TcpConnection(Connection):
         sock.setsockopt(zmq.SNDHWM, _HWM)
         sock.setsockopt(zmq.RCVHWM, _HWM)
         sock.setsockopt(zmq.MAXMSGSIZE, max_frame_bytes)
-        # HANDSHAKE_SUCCEEDED, not CONNECTED: with IMMEDIATE, zmq routes to a peer only after the handshake
-        self._monitor = sock.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED)
+        # HANDSHAKE_SUCCEEDED, not CONNECTED: with IMMEDIATE, zmq routes to a peer only after the handshake.
+        # CONNECT_RETRIED: the connect was refused (nobody listens), so the first send fails at once
+        # instead of waiting out connect_timeout_s, which stalled every call probing a dead node.
+        self._monitor = sock.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED
+                                                | zmq.EVENT_CONNECT_RETRIED)
         sock.connect(f"tcp://{host}:{port}")
         self._sock: zmq.Socket | None = sock
         self._poller = zmq.Poller()  # the reply and a disconnect, whichever comes first
@@ -86,6 +91,7 @@ class TcpConnection(Connection):
         self._poller.register(self._monitor, zmq.POLLIN)
         self._connected = False
         self._lost = False
+        self._refused = False
         self._parts: list[Any] = []
 
     @property
@@ -106,6 +112,8 @@ class TcpConnection(Connection):
                 self._connected = True
             elif event == zmq.EVENT_DISCONNECTED and self._connected:
                 self._lost = True
+            elif event == zmq.EVENT_CONNECT_RETRIED and not self._connected:
+                self._refused = True
 
     def _check(self) -> zmq.Socket:
         sock = self._sock
@@ -119,10 +127,12 @@ class TcpConnection(Connection):
     def send(self, frame: Frame) -> None:
         sock = self._check()
         if not self._connected:
-            self._monitor.poll(int(self._connect_timeout * 1000))
-            self._events()
+            if not self._refused:  # refused already (seen by _check): do not wait for zmq's next retry
+                self._monitor.poll(int(self._connect_timeout * 1000))  # wakes on the first event
+                self._events()
             if not self._connected:
-                raise PeerUnavailable(f"not connected within {self._connect_timeout} s", peer=self.peer,
+                why = " (connection refused)" if self._refused else ""
+                raise PeerUnavailable(f"not connected within {self._connect_timeout} s{why}", peer=self.peer,
                                       transport=self.name)
         parts = encode(frame)
         size = sum(len(p) for p in parts)
