@@ -107,7 +107,7 @@ def _ours(rows: int, seconds: float, clients: int, quick: bool,
         cluster.start()
         pid = cluster.pid(node)
         assert pid is not None
-        loader = PSClient(spec, local=node, transports=("shm", "tcp"))
+        loader = PSClient(spec, local=node, transports=("shm", "tcp"), timeout_s=60.0)
         chunk = 131_072
         with progress() as bar:
             task = bar.add_task(f"loading {rows:,} rows into the storage process", total=rows)

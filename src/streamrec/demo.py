@@ -202,7 +202,7 @@ def run_demo(*, seconds_per_phase: float = 4.0, rows: int = 1_000_000) -> int:
             console.print(f"  {n.name}  zone {n.zone} pod {n.pod}  tcp {n.address}  "
                           f"metrics http://{n.host}:{n.metrics_port}/metrics  "
                           f"shards {[s for _, s in spec.shards_on(n.name)]}")
-        loader = PSClient(spec, local=_LOCAL, transports=("shm", "tcp"))
+        loader = PSClient(spec, local=_LOCAL, transports=("shm", "tcp"), timeout_s=60.0)
         _load_rows(console, loader, rows, spec.tables[0].config.dim)
         loader.close()
         rng = np.random.default_rng(0)

@@ -311,7 +311,7 @@ class PSClient:
         """Drive ``calls`` to a reply or an error each, within the deadline."""
         budget = timeout_s if timeout_s is not None else self.timeout_s
         deadline = time.monotonic() + budget
-        attempt_s = min(_ATTEMPT_S, budget)
+        attempt_s = min(max(_ATTEMPT_S, budget / 4), budget)  # a long budget (bulk loads) is patient
         pending: _Pending = {}
         one_sided: list[_Call] = []
         for c in calls:
