@@ -65,13 +65,12 @@ from typing import Any
 
 import numpy as np
 
-from streamrec.config import table_config_from_dict
-from streamrec.errors import ConfigError, SnapshotError
+from streamrec.errors import SnapshotError
 from streamrec.store._checks import as_keys, as_out
 from streamrec.store._evict import CTX_EXPIRE_W, CTX_NOW, CTX_POLICY, CTX_SIZE, POLICY_NONE
 from streamrec.store._index import IndexGeneration
 from streamrec.store._ops import Status, find_batch, retry_reader
-from streamrec.store._persist import LiveView, index_file_bytes
+from streamrec.store._persist import LiveView, index_file_bytes, table_config_from_meta
 from streamrec.store._rows import RowLayout
 from streamrec.store.table import _DEFAULT_MAX_ROWS, _MAX_ROWS_LIMIT
 
@@ -195,12 +194,7 @@ class OneSidedReader:
     def _setup(self, clock: Clock) -> None:
         view = self._view
         meta, where = view.meta, str(view.root)
-        if meta.get("kind") != "embedding_table":
-            raise SnapshotError(f"holds a {meta.get('kind')!r}, not an embedding table", path=where)
-        try:
-            cfg = table_config_from_dict(meta["config"])
-        except (KeyError, ConfigError) as exc:
-            raise SnapshotError(f"bad table config: {exc}", path=where) from None
+        cfg = table_config_from_meta(meta, where)
         lay = RowLayout.build(cfg.dim, np.dtype(cfg.dtype), cfg.optimizer, ttl=cfg.ttl_s > 0)
         if (meta.get("row_bytes"), meta.get("voff")) != (lay.row_bytes, lay.voff):
             raise SnapshotError(f"row layout {meta.get('row_bytes')} B (values at {meta.get('voff')}) "

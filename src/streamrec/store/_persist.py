@@ -59,7 +59,8 @@ from typing import Any
 
 import numpy as np
 
-from streamrec.errors import SnapshotError
+from streamrec.config import TableConfig, table_config_from_dict
+from streamrec.errors import ConfigError, SnapshotError
 from streamrec.store._files import write_snapshot
 from streamrec.store._index import BUCKET_BYTES
 from streamrec.store._memory import Region
@@ -72,6 +73,7 @@ __all__ = [
     "is_live_dir",
     "is_snapshot_dir",
     "run_snapshot",
+    "table_config_from_meta",
 ]
 
 FORMAT_VERSION = 2  # 2: index-N.bin ends in a trailer page holding its retired flag
@@ -119,6 +121,20 @@ def _read_meta(p: Path) -> dict[str, Any]:
         fmt = meta.get("format") if isinstance(meta, dict) else None
         raise SnapshotError(f"TABLE.json: unknown format {fmt!r}", path=str(p))
     return meta
+
+
+def table_config_from_meta(meta: Mapping[str, Any], where: str) -> TableConfig:
+    """The ``TableConfig`` a table's metadata (TABLE.json, a snapshot manifest) records.
+
+    Raises:
+        SnapshotError: the metadata is not an embedding table's, or its config is bad.
+    """
+    if meta.get("kind") != "embedding_table":
+        raise SnapshotError(f"holds a {meta.get('kind')!r}, not an embedding table", path=where)
+    try:
+        return table_config_from_dict(meta["config"])
+    except (KeyError, ConfigError) as exc:
+        raise SnapshotError(f"bad table config: {exc}", path=where) from None
 
 
 def is_live_dir(path: str | os.PathLike[str]) -> bool:

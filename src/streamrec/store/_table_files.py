@@ -20,15 +20,22 @@ from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 
-from streamrec.config import TableConfig, table_config_from_dict, table_config_to_dict
-from streamrec.errors import ConfigError, SnapshotError
+from streamrec.config import TableConfig, table_config_to_dict
+from streamrec.errors import SnapshotError
 from streamrec.store._checks import as_keys, as_matrix
 from streamrec.store._expiry import ExpiryWheel
 from streamrec.store._files import read_snapshot, snapshot_info
 from streamrec.store._index import BUCKET_BYTES, IndexGeneration
 from streamrec.store._memory import Region
 from streamrec.store._ops import CNT_FREE, CNT_HIGH, CNT_LIVE, MODE_INSERT_OR_ASSIGN
-from streamrec.store._persist import LiveFiles, SnapshotJob, is_live_dir, is_snapshot_dir, run_snapshot
+from streamrec.store._persist import (
+    LiveFiles,
+    SnapshotJob,
+    is_live_dir,
+    is_snapshot_dir,
+    run_snapshot,
+    table_config_from_meta,
+)
 from streamrec.store._rows import STAMP, RowLayout
 from streamrec.store._write import export_rows
 
@@ -188,12 +195,7 @@ class TableFiles:
     @classmethod
     def _from_meta(cls, meta: dict[str, Any], where: str, init_fn: InitFn | None, clock: Clock | None,
                    on_evict: EvictFn | None) -> EmbeddingTable:
-        if meta.get("kind") != "embedding_table":
-            raise SnapshotError(f"holds a {meta.get('kind')!r}, not an embedding table", path=where)
-        try:
-            cfg = table_config_from_dict(meta["config"])
-        except (KeyError, ConfigError) as exc:
-            raise SnapshotError(f"bad table config: {exc}", path=where) from None
+        cfg = table_config_from_meta(meta, where)
         self = cast("EmbeddingTable", cls.__new__(cls))
         self._setup(cfg, init_fn, clock, on_evict)
         if meta.get("row_bytes") != self._layout.row_bytes:
