@@ -211,6 +211,22 @@ def test_read_only_out_is_refused_and_good_out_is_filled_in_place() -> None:
     assert_array_equal(out, [[0.5] * DIM, [0.0] * DIM])
 
 
+def test_found_mask_is_filled_in_place_and_bad_ones_are_refused() -> None:
+    table = small()
+    table.find_or_insert([2])
+    mask = np.ones(2, dtype=np.bool_)
+    values, found = table.find([2, 9], found=mask)
+    assert found is mask
+    assert_array_equal(mask, [True, False])
+    assert_array_equal(values, [[0.5] * DIM, [0.0] * DIM])
+    read_only = np.zeros(2, dtype=np.bool_)
+    read_only.flags.writeable = False
+    for bad, error in ((np.zeros(3, np.bool_), ValueError), (np.zeros(2, np.uint8), ValueError),
+                       (read_only, ValueError), ([True, False], TypeError)):
+        with pytest.raises(error, match="found"):
+            table.find([2, 9], found=bad)
+
+
 @pytest.mark.parametrize("lr", [-0.1, float("nan"), float("inf"), "0.1", None, np.array([0.1])])
 def test_bad_learning_rates_are_refused(lr: object) -> None:
     table = small()

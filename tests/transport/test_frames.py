@@ -24,9 +24,11 @@ from streamrec.transport.frames import (
     Frame,
     Kind,
     Status,
+    decode_message,
     decode_parts,
     encode,
     error_reply,
+    in_place,
     pack,
     packed_size,
     parse_head,
@@ -161,6 +163,41 @@ def test_packed_buffers_sit_at_64_byte_offsets(bufs: list[np.ndarray]) -> None:
             assert off % ALIGN == 0
         off += -(-b.nbytes // ALIGN) * ALIGN
     assert off == len(block)
+
+
+# -- replies written in place ---------------------------------------------------------------------
+
+
+@given(st.lists(arrays(), min_size=0, max_size=MAX_BUFFERS), st.integers(0, 2**64 - 1))
+def test_in_place_reply_packs_without_copying(bufs: list[np.ndarray], rid: int) -> None:
+    request = Frame(Kind.FIND, [], request_id=rid, table=3, shard=5)
+    reply = in_place(request, [(b.shape, b.dtype) for b in bufs])
+    assert reply.is_reply and reply.request_id == rid and reply.table == 3 and reply.shard == 5
+    for dst, src in zip(reply.buffers, bufs, strict=True):
+        assert dst.flags.writeable and dst.flags.c_contiguous
+        dst[...] = src
+    assert reply.block is not None
+    block = pack(reply)
+    assert len(block) == packed_size(reply) == reply.block.nbytes
+    assert np.shares_memory(np.frombuffer(block, dtype=np.uint8), reply.block)  # the block itself goes out
+    want = reply_to(request, bufs)
+    assert_same(unpack(block), want)
+    assert_same(unpack(pack(reply, memoryview(bytearray(len(block) + 64)))), want)  # into a ring: a copy
+
+
+def test_in_place_buffers_sit_where_pack_puts_them() -> None:
+    reply = in_place(Frame(Kind.FIND), [((3, 5), np.float32), ((3,), np.bool_), ((0,), np.uint64)])
+    base = reply.block.ctypes.data  # type: ignore[union-attr]
+    off = -(-(HEADER_BYTES + DESC.size * 3) // ALIGN) * ALIGN
+    assert reply.buffers[0].ctypes.data - base == off
+    assert reply.buffers[1].ctypes.data - base == off + ALIGN  # 60 bytes of floats, padded to 64
+    assert reply.buffers[2].shape == (0,)
+
+
+@given(frames)
+def test_decode_message_takes_either_layout(frame: Frame) -> None:
+    assert_same(decode_message([pack(frame)]), frame)
+    assert_same(decode_message([bytes(p) for p in encode(frame)]), frame)
 
 
 # -- encode refuses what it cannot send ----------------------------------------------------------

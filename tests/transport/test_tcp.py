@@ -14,7 +14,7 @@ import zmq
 from numpy.testing import assert_array_equal
 
 from streamrec.errors import FrameError, PeerUnavailable
-from streamrec.transport.frames import Frame, Kind, Status, decode_parts, encode, error_reply, reply_to
+from streamrec.transport.frames import Frame, Kind, Status, decode_message, encode, error_reply, reply_to
 from streamrec.transport.tcp import TcpConnection, TcpEndpoint, context
 
 Handler = Callable[[list[tuple[object, Frame | FrameError]]], list[tuple[object, Frame]]]
@@ -157,7 +157,7 @@ def test_malformed_message_is_a_frame_error_and_the_endpoint_keeps_serving(serve
             ([bytes(good[0]), bytes(good[1]), b"extra"], Status.BAD_FRAME),
         ]:
             sock.send_multipart(parts)
-            rep = decode_parts(sock.recv_multipart())
+            rep = decode_message(sock.recv_multipart())
             assert rep.status == status and rep.is_reply
         errors = [r for r in server.seen if isinstance(r, FrameError)]
         assert len(errors) == 4
@@ -198,18 +198,21 @@ def test_connection_refuses_to_send_over_its_cap(server: Server) -> None:
 
 
 def big_replies(batch: list[tuple[object, Frame | FrameError]]) -> list[tuple[object, Frame]]:
-    """Answer request id r with r buffers of 3000 bytes each (PING: an empty reply)."""
-    return [(token, reply_to(req, [np.zeros(3000, np.uint8)] * (req.request_id % 8)))
+    """Answer request id r with r buffers of 200 kB each (PING: an empty reply).
+
+    Two or more are over the transport's packing threshold, so they travel as separate parts.
+    """
+    return [(token, reply_to(req, [np.zeros(200_000, np.uint8)] * (req.request_id % 8)))
             for token, req in batch if isinstance(req, Frame)]
 
 
 def test_reply_over_the_connections_cap_is_refused() -> None:
     server = Server(big_replies)
     try:
-        with connect(server.ep.address, max_frame_bytes=4096) as conn:
+        with connect(server.ep.address, max_frame_bytes=300_000) as conn:
             assert len(conn.request(Frame(Kind.FIND, request_id=1), 5.0).buffers) == 1
             conn.send(Frame(Kind.FIND, request_id=2))  # every part under the cap, the frame over it
-            with pytest.raises(FrameError, match="over the 4096-byte cap") as info:
+            with pytest.raises(FrameError, match="over the 300000-byte cap") as info:
                 conn.recv(5.0)
             assert info.value.status == Status.TOO_LARGE and info.value.request_id == 2
             assert info.value.transport == "tcp" and info.value.peer == conn.peer

@@ -47,7 +47,7 @@ from streamrec.cluster.spec import ClusterSpec
 from streamrec.config import TableConfig
 from streamrec.errors import StoreError
 from streamrec.store import EmbeddingTable
-from streamrec.transport.frames import Frame, Kind, Status, error_reply, reply_to
+from streamrec.transport.frames import Frame, Kind, Status, error_reply, in_place, reply_to
 
 __all__ = ["MAX_KEYS", "Service", "ShardReplica"]
 
@@ -165,8 +165,10 @@ class Service:
                     return reply
             if req.kind == Kind.FIND:
                 keys = _keys(req, 1)
-                values, found = rep.table.find(keys)
-                return reply_to(req, [values, found])
+                t = rep.table
+                reply = in_place(req, [((keys.shape[0], t.dim), t.dtype), ((keys.shape[0],), np.bool_)])
+                t.find(keys, out=reply.buffers[0], found=reply.buffers[1])
+                return reply
             if req.kind == Kind.EXPORT:
                 return self._export(rep, req)
             return error_reply(req, Status.UNKNOWN_KIND, f"kind {req.kind} is not a request")

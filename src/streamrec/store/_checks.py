@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["as_keys", "as_matrix", "as_out"]
+__all__ = ["as_keys", "as_mask_out", "as_matrix", "as_out"]
 
 
 def as_keys(keys: Any, name: str = "keys") -> np.ndarray:
@@ -74,6 +74,18 @@ def as_matrix(x: Any, rows: int, cols: int, dtype: np.dtype, name: str) -> np.nd
     if a.shape != (rows, cols):
         raise ValueError(f"{name}: expected shape ({rows}, {cols}), got {a.shape}")
     return np.ascontiguousarray(a, dtype=dtype)
+
+
+def as_mask_out(found: Any, rows: int) -> np.ndarray:
+    """Check a caller's (rows,) bool output mask, or make one."""
+    if found is None:
+        return np.empty(rows, dtype=np.bool_)
+    if not isinstance(found, np.ndarray):
+        raise TypeError(f"found: expected a numpy array, got {type(found).__name__}")
+    if found.shape != (rows,) or found.dtype != np.bool_ or not found.flags.writeable:
+        raise ValueError(f"found: expected a writeable bool array of shape ({rows},), got {found.dtype} "
+                         f"{found.shape} (writeable={found.flags.writeable})")
+    return found
 
 
 def as_out(out: Any, rows: int, cols: int, dtype: np.dtype) -> np.ndarray:

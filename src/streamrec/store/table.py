@@ -33,7 +33,7 @@ from streamrec.config import (
     TableConfig,
 )
 from streamrec.errors import ConfigError, TableFull
-from streamrec.store._checks import as_keys, as_matrix, as_out
+from streamrec.store._checks import as_keys, as_mask_out, as_matrix, as_out
 from streamrec.store._evict import (
     CTX_ADMIT,
     CTX_DECAY_MIN,
@@ -338,8 +338,8 @@ class EmbeddingTable(TableFiles):
 
     # -- reads: lock-free, any thread ---------------------------------------------
 
-    def find(self, keys: Any, out: np.ndarray | None = None, *, include_state: bool = False
-             ) -> tuple[np.ndarray, np.ndarray]:
+    def find(self, keys: Any, out: np.ndarray | None = None, *, include_state: bool = False,
+             found: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Embeddings of ``keys``.
 
         Args:
@@ -347,6 +347,8 @@ class EmbeddingTable(TableFiles):
             out: optional (B, W) C-contiguous array of the table's dtype to fill.
             include_state: W = D + ``state_width``: the optimizer state follows
                 each embedding (to move whole rows, as tiers do); else W = D.
+            found: optional (B,) bool array to fill with the mask (a reply
+                written in place passes both ``out`` and ``found``).
 
         Returns:
             ``(values, found)``: (B, W) rows (zeros where absent) and a (B,) mask.
@@ -354,9 +356,9 @@ class EmbeddingTable(TableFiles):
         k = as_keys(keys)
         width = self.dim + (self.state_width if include_state else 0)
         values = as_out(out, k.shape[0], width, self.dtype)
-        found = np.empty(k.shape[0], dtype=np.bool_)
-        self._read(k, values, found, copy=True)
-        return values, found
+        mask = as_mask_out(found, k.shape[0])
+        self._read(k, values, mask, copy=True)
+        return values, mask
 
     def contains(self, keys: Any) -> np.ndarray:
         """(B,) mask: which keys are present."""

@@ -16,6 +16,12 @@ A frame::
                           the frame is one contiguous block (``pack``); as
                           separate parts on message transports (``encode``)
 
+A reply can be written in place: ``in_place`` gives a frame whose buffers are
+views into one block laid out as ``pack`` lays it out, the service fills them
+(a lookup writes its rows straight into the block), and ``pack`` then only
+writes the header and hands the block over: the rows are never copied between
+the table and the socket.
+
 Why these sizes: the header holds every field a server needs to route and
 refuse a request before it touches a buffer; 64-byte buffer alignment keeps
 rows on cache lines so received embeddings copy at full speed; at most
@@ -52,9 +58,11 @@ __all__ = [
     "Frame",
     "Kind",
     "Status",
+    "decode_message",
     "decode_parts",
     "encode",
     "error_reply",
+    "in_place",
     "pack",
     "packed_size",
     "parse_head",
@@ -94,6 +102,8 @@ class Flag(IntFlag):
     REPLY = 1  # this frame answers the request with the same id
     RETRY = 2  # a resend of a request id already sent (maybe on another transport)
 
+
+_REPLY_BIT = int(Flag.REPLY)  # a plain int: IntFlag's operators run in Python, on every frame
 
 class Status(IntEnum):
     """A reply's outcome. ``retriable`` ones may succeed on another replica."""
@@ -148,10 +158,12 @@ class Frame:
     flags: int = 0
     status: int = 0
     aux: int = 0
+    # The packed block the buffers view (``in_place``); None for frames built from separate arrays.
+    block: np.ndarray | None = field(default=None, repr=False, compare=False)
 
     @property
     def is_reply(self) -> bool:
-        return bool(self.flags & Flag.REPLY)
+        return bool(self.flags & _REPLY_BIT)
 
     def text(self) -> str:
         """The first buffer as UTF-8 (error messages, JSON replies)."""
@@ -214,6 +226,9 @@ def pack(frame: Frame, out: memoryview | None = None) -> memoryview:
     """
     head = _head(frame)
     size = packed_size(frame)
+    if out is None and frame.block is not None:  # written in place: the header is all that is missing
+        frame.block[:len(head)] = np.frombuffer(head, dtype=np.uint8)
+        return memoryview(frame.block)[:size]
     if out is None:
         out = memoryview(bytearray(size))
     elif len(out) < size:
@@ -300,6 +315,14 @@ def decode_parts(parts: list[Any], max_bytes: int = DEFAULT_MAX_FRAME_BYTES) -> 
     return frame
 
 
+def decode_message(parts: list[Any], max_bytes: int = DEFAULT_MAX_FRAME_BYTES) -> Frame:
+    """A frame from a message transport's parts, in either layout: one part is a packed
+    frame (``pack``), several are the header block and a part per buffer (``encode``)."""
+    if len(parts) == 1:
+        return unpack(parts[0], max_bytes)
+    return decode_parts(parts, max_bytes)
+
+
 def unpack(block: Any, max_bytes: int = DEFAULT_MAX_FRAME_BYTES) -> Frame:
     """A frame from one contiguous block written by ``pack``, viewing it in place."""
     mv = memoryview(block).cast("B")
@@ -315,16 +338,39 @@ def unpack(block: Any, max_bytes: int = DEFAULT_MAX_FRAME_BYTES) -> Frame:
     return frame
 
 
+def in_place(request: Frame, shapes: list[tuple[tuple[int, ...], Any]]) -> Frame:
+    """A successful reply to ``request`` whose buffers, of the given (shape, dtype)s, are
+    uninitialised views into one packed block, for the service to write its answer into.
+
+    ``pack`` (and so every transport) sends the block without copying the buffers.
+    Replacing an element of ``buffers`` is not allowed: fill them in place.
+    """
+    layout = []
+    off = _aligned(HEADER_BYTES + _DESC.size * len(shapes))
+    for shape, dt in shapes:  # plain ints: np.prod costs more than the rest of this together
+        dt = np.dtype(dt)
+        nbytes = dt.itemsize
+        for d in shape:
+            nbytes *= d
+        layout.append((off, nbytes, dt, shape))
+        off += _aligned(nbytes)
+    block = np.empty(off, dtype=np.uint8)
+    bufs = [block[o:o + n].view(dt).reshape(shape) for o, n, dt, shape in layout]
+    frame = reply_to(request, bufs)
+    frame.block = block
+    return frame
+
+
 def reply_to(request: Frame, buffers: list[np.ndarray] | None = None, *, aux: int = 0) -> Frame:
     """A successful reply to ``request``."""
     return Frame(request.kind, buffers or [], request.request_id, request.table, request.shard,
-                 0, Flag.REPLY, Status.OK, aux)
+                 0, _REPLY_BIT, Status.OK, aux)
 
 
 def error_reply(request: Frame | None, status: int, message: str) -> Frame:
     """An error reply (the message as one UTF-8 buffer); ``request`` may be None for unparsable input."""
     body = np.frombuffer(message.encode("utf-8")[:4096], dtype=np.uint8)
     if request is None:
-        return Frame(Kind.PING, [body], 0, 0, 0, 0, Flag.REPLY, status, 0)
+        return Frame(Kind.PING, [body], 0, 0, 0, 0, _REPLY_BIT, status, 0)
     kind = request.kind if request.kind in _KINDS else Kind.PING
-    return Frame(kind, [body], request.request_id, request.table, request.shard, 0, Flag.REPLY, status, 0)
+    return Frame(kind, [body], request.request_id, request.table, request.shard, 0, _REPLY_BIT, status, 0)
