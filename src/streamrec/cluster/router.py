@@ -538,8 +538,8 @@ class Router:
             ValueError: a name is unknown or repeated.
         """
         nodes = self._lookup(replicas)
-        if not nodes:
-            return []
+        if len(nodes) < 2:  # whatever its state, a lone replica is the only place to go
+            return [n.name for n in nodes]
         now = self._clock()
         live: list[_Node] = []
         due: list[_Node] = []
@@ -589,6 +589,8 @@ class Router:
             ValueError: ``node`` is unknown, or ``offered`` repeats a name.
         """
         n = self._node(node)
+        if len(offered) < 2:
+            return list(offered)
         if len(set(offered)) != len(offered):
             raise ValueError(f"offered transports must be distinct, got {list(offered)!r}")
         now = self._clock()

@@ -56,6 +56,7 @@ from streamrec.transport.frames import Flag, Frame, Kind, Status
 __all__ = ["ClientStats", "PSClient"]
 
 _ATTEMPT_S = 0.5  # one attempt's patience before the next transport or replica is tried
+_SLICE_S = 0.02  # longest wait for replies between two checks of attempt timeouts and hedges
 
 
 @dataclass
@@ -73,7 +74,7 @@ class ClientStats:
     by_node: dict[str, int] = field(default_factory=dict)  # requests answered OK, per node
 
 
-@dataclass
+@dataclass(slots=True)
 class _Call:
     """One shard request: to one replica at a time (reads) or one fixed replica (writes)."""
 
@@ -331,9 +332,17 @@ class PSClient:
                 break
             live = [c for cs in pending.values() for c in cs if not c.terminal and c.conn is not None]
             conns = {id(c.conn): c.conn for c in live if c.conn is not None}
-            self._poll(list(conns.values()), min(deadline - now, 0.02))
-            for conn in conns.values():
-                self._drain(conn, pending, one_sided, deadline)
+            wait = min(deadline - now, _SLICE_S)
+            if hedge_after is not None:  # wake when the first unhedged read is due its hedge
+                for c in live:
+                    if c.read and c.primary is None and c.hedge is None and c.candidates:
+                        wait = min(wait, max(c.sent_at + hedge_after - now, 0.0))
+            if len(conns) == 1:  # the common read: wait in the connection's own receive, not a poll
+                self._drain(next(iter(conns.values())), pending, one_sided, deadline, wait)
+            else:
+                self._poll(list(conns.values()), wait)
+                for conn in conns.values():
+                    self._drain(conn, pending, one_sided, deadline)
             now = time.monotonic()
             for c in [c for cs in pending.values() for c in cs]:
                 if c.terminal or c.reply is not None or c.conn is None:
@@ -362,10 +371,12 @@ class PSClient:
             time.sleep(min(timeout_s, 0.001))
 
     def _drain(self, conn: Connection, pending: _Pending, one_sided: list[_Call],
-               deadline: float) -> None:
+               deadline: float, wait: float = 0.0) -> None:
+        """Take every reply ``conn`` holds, the first waiting at most ``wait`` seconds."""
         while True:
             try:
-                reply = conn.recv(0)
+                reply = conn.recv(wait)
+                wait = 0.0
             except TransportError as exc:
                 for c in [c for cs in pending.values() for c in cs]:
                     if c.conn is conn:
@@ -376,6 +387,8 @@ class PSClient:
             for c in list(pending.get(reply.request_id, ())):
                 if c.conn is conn:
                     self._complete(c, reply, pending, one_sided, deadline)
+            if not any(c.conn is conn for cs in pending.values() for c in cs):
+                return  # nothing more is owed on this connection: do not ask it again
 
     def _send(self, c: _Call, pending: _Pending, one_sided: list[_Call], deadline: float) -> bool:
         """Send ``c`` on its node's next usable transport; False when none is left."""

@@ -54,6 +54,7 @@ __all__ = ["StorageServer"]
 log = logging.getLogger("streamrec.ps")
 
 _INLINE = frozenset({Kind.PING, Kind.HELLO, Kind.STATS})
+_KIND_NAMES = {int(k): k.name for k in Kind}  # metric labels; Kind(x).name costs an enum call per request
 # A small read with no worker busy runs on the master: the lookup is about as long as the two
 # thread hand-offs it saves, and on a machine whose cores the clients share, the hand-offs are
 # pure cost. Writes, big reads and reads arriving while workers are busy go to the workers.
@@ -90,8 +91,11 @@ class _Metrics:
         return c
 
     def requests_child(self, kind: str, status: int) -> Any:
-        name = Status(status).name if status in Status._value2member_map_ else str(status)
-        return self._child(self.requests, ("r", kind, status), kind, name)
+        c = self._children.get(("r", kind, status))
+        if c is None:
+            name = Status(status).name if status in Status._value2member_map_ else str(status)
+            c = self._child(self.requests, ("r", kind, status), kind, name)
+        return c
 
     def seconds_child(self, kind: str) -> Any:
         return self._child(self.seconds, ("s", kind, 0), kind)
@@ -236,7 +240,7 @@ class StorageServer:
             bad = Frame(Kind.PING, request_id=req.request_id)
             self._answer(ep, token, error_reply(bad, req.status, str(req)), "BAD_FRAME", arrived, 0)
             return
-        kind = Kind(req.kind).name
+        kind = _KIND_NAMES.get(req.kind) or str(req.kind)
         if req.is_reply:
             self._answer(ep, token, error_reply(req, Status.BAD_FRAME, "a reply sent as a request"), kind,
                          arrived, 0)
