@@ -228,7 +228,7 @@ def pack(frame: Frame, out: memoryview | None = None) -> memoryview:
     size = packed_size(frame)
     if out is None and frame.block is not None:  # written in place: the header is all that is missing
         frame.block[:len(head)] = np.frombuffer(head, dtype=np.uint8)
-        return memoryview(frame.block)[:size]
+        return memoryview(frame.block.data)[:size]
     if out is None:
         out = memoryview(bytearray(size))
     elif len(out) < size:

@@ -190,7 +190,7 @@ class TcpConnection(Connection):
             first = self._wait(sock, timeout_s)
             if first is None:
                 return None
-        elif sock.get(zmq.EVENTS) & zmq.POLLIN:
+        elif int(sock.get(zmq.EVENTS)) & zmq.POLLIN:
             first = sock.recv(zmq.NOBLOCK, copy=False)
         else:
             return None
