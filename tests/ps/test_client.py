@@ -323,3 +323,38 @@ def test_find_and_assign_over_tcp_to_a_server_in_this_process(tmp_path: Path) ->
             assert sorted(snap["snapshots"]) == ["emb/0", "emb/1"]
     finally:
         server.stop()
+
+
+@pytest.mark.parametrize("transport", ["tcp", "shm"])
+def test_one_shard_reads_with_few_repeats_come_back_as_sent_and_stay_valid(tmp_path: Path,
+                                                                          transport: str) -> None:
+    """A one-shard read with few repeated keys is sent as given and its reply returned as it
+    arrived; a reply lent by the transport (shm: views of the ring) must be copied, so the
+    rows of one call survive the next calls."""
+    spec = loopback_spec(f"client-few-{transport}", zones=1, nodes_per_zone=1, shards=1, dim=8,
+                         metrics=False, data_root=tmp_path)
+    node = spec.nodes[0].name
+    server = StorageServer(spec, node, shm=True).start()
+    try:
+        deadline = time.monotonic() + 10
+        while not server.ready and time.monotonic() < deadline:
+            time.sleep(0.01)
+        with PSClient(spec, local=node, transports=(transport,)) as client:
+            keys = np.arange(1000, dtype=np.uint64)
+            rows = np.arange(1000 * 8, dtype=np.float32).reshape(1000, 8)
+            client.assign("emb", keys, rows)
+            few = np.concatenate([keys[::-1], keys[:3], [np.uint64(5000)]])  # 3 repeats in 1004: sent as given
+            many = np.tile(keys[:10], 50)  # 490 repeats: deduplicated, gathered
+            first, first_found = client.find("emb", few)
+            for _ in range(5):  # later replies reuse the transport's buffers
+                client.find("emb", many)
+                client.find("emb", keys[::-1])
+            assert_array_equal(first[:1000], rows[::-1])
+            assert_array_equal(first[1000:1003], rows[:3])
+            assert not first[1003].any() and first_found.tolist() == [True] * 1003 + [False]
+            got, found = client.find("emb", many)
+            assert_array_equal(got, np.tile(rows[:10], (50, 1)))
+            assert found.all()
+            assert set(client.stats.by_transport) == {transport}
+    finally:
+        server.stop()

@@ -145,8 +145,7 @@ class Frame:
 
     Buffers are 1-D or 2-D C-contiguous arrays of a dtype in the wire table
     (u8, bool, i32, u32, i64, u64, f16, f32, f64). A decoded frame's buffers
-    are read-only views of the received bytes; copy before keeping them past
-    the receive call's next use of its buffer.
+    are views of the received bytes: they may be kept unless ``borrowed``.
     """
 
     kind: int
@@ -160,6 +159,9 @@ class Frame:
     aux: int = 0
     # The packed block the buffers view (``in_place``); None for frames built from separate arrays.
     block: np.ndarray | None = field(default=None, repr=False, compare=False)
+    # True when a transport lent the buffers (views of a ring it reuses after its next recv):
+    # copy them before keeping them. Otherwise they are the frame's own and may be kept.
+    borrowed: bool = field(default=False, repr=False, compare=False)
 
     @property
     def is_reply(self) -> bool:

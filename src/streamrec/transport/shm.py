@@ -761,7 +761,9 @@ class ShmConnection(Connection):
             self._seg.ctl[_W_REP_TAKEN] = self._taken
             self._owed += 1
             self._drain_owed()
-            return frames.unpack(rep.out(start, nbytes), self._max_frame)  # FrameError: record still held
+            frame = frames.unpack(rep.out(start, nbytes), self._max_frame)  # FrameError: record still held
+            frame.borrowed = True  # views of the ring, reused after the next recv
+            return frame
 
     def _set_tail(self, tail: int) -> None:
         self._seg.ctl[_W_REP_TAIL] = tail
