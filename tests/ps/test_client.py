@@ -343,7 +343,7 @@ def test_one_shard_reads_with_few_repeats_come_back_as_sent_and_stay_valid(tmp_p
             keys = np.arange(1000, dtype=np.uint64)
             rows = np.arange(1000 * 8, dtype=np.float32).reshape(1000, 8)
             client.assign("emb", keys, rows)
-            few = np.concatenate([keys[::-1], keys[:3], [np.uint64(5000)]])  # 3 repeats in 1004: sent as given
+            few = np.concatenate([keys[::-1], keys[:3], [np.uint64(5000)]])  # 3 repeats: sent as given
             many = np.tile(keys[:10], 50)  # 490 repeats: deduplicated, gathered
             first, first_found = client.find("emb", few)
             for _ in range(5):  # later replies reuse the transport's buffers

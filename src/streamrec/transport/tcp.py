@@ -1,4 +1,4 @@
-"""TCP transport on pyzmq: DEALER clients, a ROUTER endpoint, zero-copy parts.
+"""TCP transport on pyzmq: DEALER clients, a ROUTER endpoint, packed frames.
 
 Owns: ``TcpConnection`` and ``TcpEndpoint``, the transport every peer can use
 and the one every channel falls back to. It must not interpret frames beyond
@@ -11,13 +11,14 @@ many requests in flight on one socket for free.
 
 Framing: a frame travels as one message part in ``frames.pack``'s layout when
 it is small (up to ``_PACK_BYTES``) or was written in place (a lookup reply:
-the rows go from the table into the block, and the block to the socket, with
-no copy in between); a large frame built from separate arrays (a bulk write)
-travels as a multipart message, the header block then one part per buffer,
-each sent without copying. Receivers take either: one part is a packed frame,
-several are header and buffers. One part rather than three or four matters:
-pyzmq spends about 3 µs of Python per part on each side, and at saturation on
-two cores every such microsecond is taken from the lookups.
+the table's kernel writes the rows into the block that goes to the socket); a
+large frame built from separate arrays (a bulk write) travels as a multipart
+message, the header block then one part per buffer. Receivers take either: one
+part is a packed frame, several are header and buffers. One part rather than
+three or four matters: pyzmq spends about 3 µs of Python per part on each
+side, and at saturation on two cores every such microsecond is taken from the
+lookups. Messages up to ``_COPY_BYTES`` are copied into zmq, larger ones lent
+without a copy (see there for why).
 
 Failure detection: a zmq socket reconnects silently, so a dead peer shows as
 silence. The connection therefore watches its socket's monitor for
@@ -70,6 +71,11 @@ __all__ = ["TcpConnection", "TcpEndpoint", "context"]
 _HWM = 10_000  # messages queued per peer before sends block: far above any fan-out we issue
 # A packed frame pads each buffer to ALIGN: its one part may exceed the frame cap by this much.
 _PACK_SLACK = ALIGN * (MAX_BUFFERS + 1)
+# Messages up to this are copied into zmq rather than lent: a lent buffer is released by
+# pyzmq's garbage-collector thread, one more thread wake-up and GIL hand-off per message,
+# which at saturation cost more than copying a 1 MiB reply (+9-11 % keys/s, two A/B runs
+# of ten rounds). The copy grows with size and the hand-off does not, so bulk frames are lent.
+_COPY_BYTES = 4 << 20
 _PACK_BYTES = 256 << 10  # frames up to this go as one packed part: copying them is cheaper than parts
 # Kernel socket buffers: room for a few 1 MiB replies, so one goes out in one write instead of
 # stalling on the window; +9 % keys/s at saturation over autotuned buffers (A/B on the load driver).
@@ -177,9 +183,9 @@ class TcpConnection(Connection):
             raise ValueError(f"frame of {size} bytes is over this connection's {self._max}-byte cap")
         try:
             if len(parts) == 1:
-                sock.send(parts[0], zmq.NOBLOCK, copy=False)
+                sock.send(parts[0], zmq.NOBLOCK, copy=size <= _COPY_BYTES)
             else:
-                sock.send_multipart(parts, flags=zmq.NOBLOCK, copy=False)
+                sock.send_multipart(parts, flags=zmq.NOBLOCK, copy=size <= _COPY_BYTES)
         except zmq.Again:
             raise PeerUnavailable("send queue full or peer not connected", peer=self.peer,
                                   transport=self.name) from None
@@ -295,8 +301,10 @@ class TcpEndpoint(Endpoint):
     def reply(self, token: Token, frame: Frame) -> None:
         if self._sock is None:
             return
+        parts = _parts(frame)
+        copy = sum(len(p) for p in parts) <= _COPY_BYTES
         with contextlib.suppress(zmq.ZMQError):  # a peer gone since: ROUTER drops it, or the queue is full
-            self._sock.send_multipart([token, *_parts(frame)], flags=zmq.NOBLOCK, copy=False)
+            self._sock.send_multipart([token, *parts], flags=zmq.NOBLOCK, copy=copy)
 
     def offer(self) -> dict[str, Any]:
         return {"address": self.address}
