@@ -3,6 +3,7 @@ and one end-to-end check over TCP to a StorageServer in this process."""
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,7 +15,7 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 from numpy.testing import assert_array_equal
 
 from streamrec import EmbeddingTable
-from streamrec.cluster.spec import embedded_spec
+from streamrec.cluster.spec import ClusterSpec, embedded_spec
 from streamrec.errors import ConfigError, RemoteError
 from streamrec.ps import PSClient, StorageServer
 from streamrec.ps.local import loopback_spec
@@ -293,36 +294,42 @@ def test_too_many_keys(client: PSClient) -> None:
 # -- end to end over TCP ----------------------------------------------------------------------------
 
 
-def test_find_and_assign_over_tcp_to_a_server_in_this_process(tmp_path: Path) -> None:
-    spec = loopback_spec("client-e2e", zones=1, nodes_per_zone=1, shards=2, dim=8, metrics=False,
-                         data_root=tmp_path)
+@contextlib.contextmanager
+def ready_server(spec: ClusterSpec, *, shm: bool) -> Iterator[str]:
+    """The spec's first node served in this process, ready; yields its name."""
     node = spec.nodes[0].name
-    server = StorageServer(spec, node, shm=False).start()
+    server = StorageServer(spec, node, shm=shm).start()
     try:
         deadline = time.monotonic() + 10
         while not server.ready and time.monotonic() < deadline:
             time.sleep(0.01)
         assert server.ready
-        with PSClient(spec, transports=("tcp",)) as client:
-            keys = np.array([1, 2, 3, 2**63, U64_MAX, 1], np.uint64)
-            values = np.arange(6 * 8, dtype=np.float32).reshape(6, 8)
-            client.assign("emb", keys, values)
-            got, found = client.find("emb", np.append(keys, np.uint64(77)))
-            assert found.tolist() == [True] * 6 + [False]
-            assert_array_equal(got[:6][1:5], values[1:5])
-            assert_array_equal(got[0], values[5])  # the last of key 1's values
-            assert_array_equal(got[5], values[5])
-            assert not got[6].any()
-            first = client.find_or_insert("emb", [100, 101])
-            ref = EmbeddingTable.from_config(spec.tables[0].config)
-            assert_array_equal(first, ref.find_or_insert(np.array([100, 101], np.uint64)))
-            assert client.erase("emb", [1, 100, 555]) == 2
-            assert set(client.stats.by_transport) == {"tcp"}
-            assert client.stats.failed_calls == 0
-            snap = client.snapshot()[node]
-            assert sorted(snap["snapshots"]) == ["emb/0", "emb/1"]
+        yield node
     finally:
         server.stop()
+
+
+def test_find_and_assign_over_tcp_to_a_server_in_this_process(tmp_path: Path) -> None:
+    spec = loopback_spec("client-e2e", zones=1, nodes_per_zone=1, shards=2, dim=8, metrics=False,
+                         data_root=tmp_path)
+    with ready_server(spec, shm=False) as node, PSClient(spec, transports=("tcp",)) as client:
+        keys = np.array([1, 2, 3, 2**63, U64_MAX, 1], np.uint64)
+        values = np.arange(6 * 8, dtype=np.float32).reshape(6, 8)
+        client.assign("emb", keys, values)
+        got, found = client.find("emb", np.append(keys, np.uint64(77)))
+        assert found.tolist() == [True] * 6 + [False]
+        assert_array_equal(got[:6][1:5], values[1:5])
+        assert_array_equal(got[0], values[5])  # the last of key 1's values
+        assert_array_equal(got[5], values[5])
+        assert not got[6].any()
+        first = client.find_or_insert("emb", [100, 101])
+        ref = EmbeddingTable.from_config(spec.tables[0].config)
+        assert_array_equal(first, ref.find_or_insert(np.array([100, 101], np.uint64)))
+        assert client.erase("emb", [1, 100, 555]) == 2
+        assert set(client.stats.by_transport) == {"tcp"}
+        assert client.stats.failed_calls == 0
+        snap = client.snapshot()[node]
+        assert sorted(snap["snapshots"]) == ["emb/0", "emb/1"]
 
 
 @pytest.mark.parametrize("transport", ["tcp", "shm"])
@@ -333,28 +340,21 @@ def test_one_shard_reads_with_few_repeats_come_back_as_sent_and_stay_valid(tmp_p
     rows of one call survive the next calls."""
     spec = loopback_spec(f"client-few-{transport}", zones=1, nodes_per_zone=1, shards=1, dim=8,
                          metrics=False, data_root=tmp_path)
-    node = spec.nodes[0].name
-    server = StorageServer(spec, node, shm=True).start()
-    try:
-        deadline = time.monotonic() + 10
-        while not server.ready and time.monotonic() < deadline:
-            time.sleep(0.01)
-        with PSClient(spec, local=node, transports=(transport,)) as client:
-            keys = np.arange(1000, dtype=np.uint64)
-            rows = np.arange(1000 * 8, dtype=np.float32).reshape(1000, 8)
-            client.assign("emb", keys, rows)
-            few = np.concatenate([keys[::-1], keys[:3], [np.uint64(5000)]])  # 3 repeats: sent as given
-            many = np.tile(keys[:10], 50)  # 490 repeats: deduplicated, gathered
-            first, first_found = client.find("emb", few)
-            for _ in range(5):  # later replies reuse the transport's buffers
-                client.find("emb", many)
-                client.find("emb", keys[::-1])
-            assert_array_equal(first[:1000], rows[::-1])
-            assert_array_equal(first[1000:1003], rows[:3])
-            assert not first[1003].any() and first_found.tolist() == [True] * 1003 + [False]
-            got, found = client.find("emb", many)
-            assert_array_equal(got, np.tile(rows[:10], (50, 1)))
-            assert found.all()
-            assert set(client.stats.by_transport) == {transport}
-    finally:
-        server.stop()
+    with ready_server(spec, shm=True) as node, \
+            PSClient(spec, local=node, transports=(transport,)) as client:
+        keys = np.arange(1000, dtype=np.uint64)
+        rows = np.arange(1000 * 8, dtype=np.float32).reshape(1000, 8)
+        client.assign("emb", keys, rows)
+        few = np.concatenate([keys[::-1], keys[:3], [np.uint64(5000)]])  # 3 repeats: sent as given
+        many = np.tile(keys[:10], 50)  # 490 repeats: deduplicated, gathered
+        first, first_found = client.find("emb", few)
+        for _ in range(5):  # later replies reuse the transport's buffers
+            client.find("emb", many)
+            client.find("emb", keys[::-1])
+        assert_array_equal(first[:1000], rows[::-1])
+        assert_array_equal(first[1000:1003], rows[:3])
+        assert not first[1003].any() and first_found.tolist() == [True] * 1003 + [False]
+        got, found = client.find("emb", many)
+        assert_array_equal(got, np.tile(rows[:10], (50, 1)))
+        assert found.all()
+        assert set(client.stats.by_transport) == {transport}
