@@ -306,6 +306,15 @@ def test_apply_gradients_dedup(fresh: Service) -> None:
     assert not np.array_equal(ok(fresh, Kind.FIND, keys(1))[0], once)
 
 
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -1.0])
+def test_a_replayed_id_does_not_let_a_bad_request_through(fresh: Service, bad: float) -> None:
+    """Validation comes before the replay check: a bad request reusing an applied id
+    (found by the frame fuzzer) is refused, not answered as the earlier write."""
+    ok(fresh, Kind.APPLY_GRADIENTS, keys(1, 2), rows(2, 1.0), lr(), rid=12)
+    refused(fresh, Status.BAD_REQUEST, "lr", Kind.APPLY_GRADIENTS, keys(1, 2), rows(2, 1.0), lr(bad), rid=12)
+    refused(fresh, Status.BAD_REQUEST, "values", Kind.ASSIGN, keys(1, 2), rows(3), rid=12)
+
+
 def test_apply_gradients_retry_flag_changes_nothing(fresh: Service) -> None:
     ok(fresh, Kind.ASSIGN, keys(1), rows(1))
     ok(fresh, Kind.APPLY_GRADIENTS, keys(1), rows(1, 1.0), lr(), rid=20)

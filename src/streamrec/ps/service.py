@@ -217,6 +217,8 @@ class Service:
         lr = req.buffers[2]
         if lr.dtype != np.float64 or lr.shape != (1,):
             raise _BadRequest(f"buffer 2 (lr): expected float64 (1,), got {lr.dtype} {lr.shape}")
+        if not (np.isfinite(lr[0]) and lr[0] >= 0):  # checked here too: a replay skips the table's check
+            raise _BadRequest(f"lr: expected a finite number >= 0, got {lr[0]}")
         if again:
             return reply_to(req, [table.contains(keys)])
         return reply_to(req, [table.apply_gradients(keys, values, float(lr[0]))])
