@@ -358,3 +358,12 @@ def test_one_shard_reads_with_few_repeats_come_back_as_sent_and_stay_valid(tmp_p
         assert_array_equal(got, np.tile(rows[:10], (50, 1)))
         assert found.all()
         assert set(client.stats.by_transport) == {transport}
+    with ready_server(spec, shm=True) as node, \
+            PSClient(spec, local=node, transports=(transport,)) as client:  # repeats first: gathered
+        client.assign("emb", keys, rows)
+        for i in range(40):  # the guess is re-measured every few calls, both ways
+            ask = many if (i // 20) % 2 == 0 else few
+            got, found = client.find("emb", ask)
+            want = np.where(ask[:, None] < 1000, rows[np.minimum(ask, 999).astype(np.int64)], 0)
+            assert_array_equal(got, want)
+            assert_array_equal(found, ask < 1000)
