@@ -6,7 +6,8 @@ Python. It may import every package of ours.
 
 Subcommands:
     demo                            the main job for now: a small cluster on loopback at work
-    bench NAME [--quick] [--json]   run ``benchmarks/NAME.py`` (``bench --list`` lists them)
+    bench NAME [--quick] [--json]   run ``benchmarks/NAME.py`` (``bench --list`` lists them;
+                                    ``bench ps_ab --base REV`` compares the TCP path with REV)
     config defaults | check FILE    the table config format with every default; check a file
     ps serve --config F --node N    run one storage node of a cluster spec
     ps check FILE                   validate a cluster spec and print its placement
@@ -96,6 +97,7 @@ def _bench(args: argparse.Namespace) -> int:
     argv += ["--quick"] if args.quick else []
     argv += ["--json"] if args.json else []
     argv += ["--rounds", str(args.rounds)] if args.rounds else []
+    argv += ["--base", args.base] if args.base else []
     old = sys.argv
     sys.argv = argv
     try:
@@ -173,6 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--quick", action="store_true", help="smaller sizes, under 60 s")
     b.add_argument("--json", action="store_true", help="print one JSON object as the last line")
     b.add_argument("--rounds", type=int, default=0, help="timed rounds per figure")
+    b.add_argument("--base", help="git revision to compare against (ps_ab)")
     b.set_defaults(func=_bench)
 
     c = sub.add_parser("config", help="show the config file format or check a file",
