@@ -53,21 +53,19 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import Report, bench_args, console, finish, progress, redis_server
+from _common import Report, bench_args, console, finish, redis_server
 from _ps_baselines import (
     GrpcFindClient,
     LoadResult,
     RedisFindClient,
-    fill_values,
     load_redis,
     run_clients,
     serve_conventional,
     serve_grpc_table,
     served,
 )
-from _ps_ours import make_ps_client
+from _ps_ours import load_rows, make_ps_client
 
-from streamrec.ps import PSClient
 from streamrec.ps.local import LocalCluster, loopback_spec
 from streamrec.ps.onesided import OneSidedReader
 
@@ -138,15 +136,7 @@ def _ours(rows: int, notes: list[str]) -> Iterator[tuple[dict[str, Any], float]]
             cluster.start()
             pid = cluster.pid(node)
             assert pid is not None
-            loader = PSClient(spec, local=node, transports=("shm", "tcp"), timeout_s=60.0)
-            chunk = 131_072
-            with progress() as bar:
-                task = bar.add_task(f"loading {rows:,} rows into the storage process", total=rows)
-                for lo in range(0, rows, chunk):
-                    keys = np.arange(lo, min(lo + chunk, rows), dtype=np.uint64)
-                    loader.assign("emb", keys, fill_values(keys, DIM))
-                    bar.update(task, advance=keys.size)
-            loader.close()
+            load_rows(spec, node, rows, DIM)
             lookup = _lookup_ms(spec.data_dir(node) / "emb-0", rows)
             paths: dict[str, Any] = {}
             for path in OURS:

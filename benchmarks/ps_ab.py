@@ -35,12 +35,11 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import Report, console, finish, progress
-from _ps_baselines import fill_values, run_clients
-from _ps_ours import make_ps_client
+from _common import Report, console, finish
+from _ps_baselines import run_clients
+from _ps_ours import load_rows, make_ps_client
 from ps import _huge_tmpfs
 
-from streamrec.ps import PSClient
 from streamrec.ps.local import LocalCluster, loopback_spec
 
 REPO = Path(__file__).resolve().parent.parent
@@ -79,18 +78,6 @@ def _imports_from(src: Path | None) -> Iterator[None]:
             os.environ["PYTHONPATH"] = saved_env
 
 
-def _load(spec: Any, node: str, rows: int, label: str) -> None:
-    loader = PSClient(spec, local=node, transports=("tcp",), timeout_s=60.0)
-    chunk = 131_072
-    with progress() as bar:
-        task = bar.add_task(f"loading {rows:,} rows into {label}", total=rows)
-        for lo in range(0, rows, chunk):
-            keys = np.arange(lo, min(lo + chunk, rows), dtype=np.uint64)
-            loader.assign("emb", keys, fill_values(keys, DIM))
-            bar.update(task, advance=keys.size)
-    loader.close()
-
-
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--base", required=True, help="git revision to compare this tree against")
@@ -117,7 +104,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 node = spec.nodes[0].name
                 cluster = stack.enter_context(LocalCluster(spec))
                 cluster.start()
-            _load(spec, node, rows, label)  # this tree's client: both wire formats are understood
+            # This tree's client loads both: it reads either wire layout, and bulk writes go as parts.
+            load_rows(spec, node, rows, DIM, label=label, transports=("tcp",))
             sides[label] = (cluster, node, imports)
         for r in range(rounds):
             for label, (cluster, node, imports) in sides.items():
