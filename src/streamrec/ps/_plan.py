@@ -136,9 +136,6 @@ class Plan:
     last: np.ndarray
     bounds: np.ndarray
 
-    def shard(self, s: int) -> slice:
-        return slice(int(self.bounds[s]), int(self.bounds[s + 1]))
-
     def scatter(self, sl: slice, src: np.ndarray, src_found: np.ndarray | None, out: np.ndarray,
                 out_found: np.ndarray | None) -> None:
         """Copy one shard's reply rows (for ``keys[sl]``) to every caller position that asked for them.

@@ -202,7 +202,7 @@ class PSClient:
     def find_or_insert(self, table: str, keys: Any) -> np.ndarray:
         """Rows of ``keys`` (B, D), creating absent ones from the table's initializer on every replica."""
         t, spec = self.spec.table(table)
-        plan = self._plan(t, keys)
+        plan = self._plan(t, _keys(keys))
         values = np.empty((plan.inverse.shape[0], spec.config.dim), dtype=np.dtype(spec.config.dtype))
         for sl, reply in self._fan_out(Kind.FIND_OR_INSERT, t, plan.bounds, lambda sl: [plan.keys[sl]],
                                        read=False):
@@ -213,7 +213,7 @@ class PSClient:
         """Write ``values`` (B, D) to ``keys`` on every replica (inserting absent keys
         unless ``only_existing``). Of a key repeated in the batch, the last value wins."""
         t, spec = self.spec.table(table)
-        plan = self._plan(t, keys)
+        plan = self._plan(t, _keys(keys))
         v = np.asarray(values)
         if v.shape != (plan.inverse.shape[0], spec.config.dim):
             raise ValueError(f"values: expected ({plan.inverse.shape[0]}, {spec.config.dim}), got {v.shape}")
@@ -227,7 +227,7 @@ class PSClient:
         Returns: (B,) mask of the keys found.
         """
         t, spec = self.spec.table(table)
-        plan = self._plan(t, keys)
+        plan = self._plan(t, _keys(keys))
         g = np.ascontiguousarray(grads, dtype=np.float32 if spec.config.dtype == "float32" else np.float64)
         if g.shape != (plan.inverse.shape[0], spec.config.dim):
             raise ValueError(f"grads: expected ({plan.inverse.shape[0]}, {spec.config.dim}), got {g.shape}")
@@ -245,7 +245,7 @@ class PSClient:
     def erase(self, table: str, keys: Any) -> int:
         """Remove ``keys`` from every replica; the number of distinct keys that were present."""
         t, _ = self.spec.table(table)
-        plan = self._plan(t, keys)
+        plan = self._plan(t, _keys(keys))
         replies = self._fan_out(Kind.ERASE, t, plan.bounds, lambda sl: [plan.keys[sl]], read=False)
         return int(sum(int(r.buffers[0][0]) for _, r in replies))
 
@@ -279,9 +279,10 @@ class PSClient:
 
     # -- splitting and joining ----------------------------------------------------------------
 
-    def _plan(self, t: int, keys: Any) -> Plan:
+    def _plan(self, t: int, keys: np.ndarray) -> Plan:
+        """Plan checked keys (``_keys``) for table ``t``'s shards."""
         nshards = self.spec.tables[t].shards
-        return make_plan(_keys(keys), nshards, lambda u: self.spec.shard_of(t, u))
+        return make_plan(keys, nshards, lambda u: self.spec.shard_of(t, u))
 
     def _fan_out(self, kind: Kind, t: int, bounds: np.ndarray, bufs: Callable[[slice], list[np.ndarray]],
                  *, read: bool, aux: int = 0) -> list[tuple[slice, Frame]]:
