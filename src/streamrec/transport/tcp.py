@@ -177,8 +177,7 @@ class TcpConnection(Connection):
                 why = " (connection refused)" if self._refused else ""
                 raise PeerUnavailable(f"not connected within {self._connect_timeout} s{why}", peer=self.peer,
                                       transport=self.name)
-        parts = _parts(frame)
-        size = sum(len(p) for p in parts)
+        parts, size = _parts(frame)
         if size > self._max:
             raise ValueError(f"frame of {size} bytes is over this connection's {self._max}-byte cap")
         try:
@@ -200,9 +199,7 @@ class TcpConnection(Connection):
             first = sock.recv(zmq.NOBLOCK, copy=False)
         else:
             return None
-        parts = [first]
-        while parts[-1].more:  # the rest of a multipart message is already here
-            parts.append(sock.recv(zmq.NOBLOCK, copy=False))
+        parts = _rest(sock, first)
         self._parts = parts
         try:
             return decode_message(parts, self._max)
@@ -290,12 +287,7 @@ class TcpEndpoint(Endpoint):
         # message instead of a receive that ends each wake-up by raising Again.
         while len(out) < 256 and int(sock.getsockopt(zmq.EVENTS)) & zmq.POLLIN:
             ident = sock.recv(zmq.NOBLOCK)  # the ROUTER's peer id, a few bytes: copied
-            parts = []
-            while True:  # the rest of a message is here once its first part is
-                part = sock.recv(zmq.NOBLOCK, copy=False)
-                parts.append(part)
-                if not part.more:
-                    break
+            parts = _rest(sock, sock.recv(zmq.NOBLOCK, copy=False))
             try:
                 out.append((ident, decode_message(parts, self._max)))
             except FrameError as exc:
@@ -305,8 +297,8 @@ class TcpEndpoint(Endpoint):
     def reply(self, token: Token, frame: Frame) -> None:
         if self._sock is None:
             return
-        parts = _parts(frame)
-        copy = sum(len(p) for p in parts) <= _COPY_BYTES
+        parts, size = _parts(frame)
+        copy = size <= _COPY_BYTES
         with contextlib.suppress(zmq.ZMQError):  # a peer gone since: ROUTER drops it, or the queue is full
             self._sock.send_multipart([token, *parts], flags=zmq.NOBLOCK, copy=copy)
 
@@ -319,8 +311,19 @@ class TcpEndpoint(Endpoint):
             self._sock = None
 
 
-def _parts(frame: Frame) -> list[Any]:
-    """The message parts of ``frame``: one packed part, or the header block and a part per buffer."""
+def _parts(frame: Frame) -> tuple[list[Any], int]:
+    """The message parts of ``frame`` (one packed part, or the header block and a part per
+    buffer) and their total bytes."""
     if frame.block is not None or sum(b.nbytes for b in frame.buffers) <= _PACK_BYTES:
-        return [pack(frame)]
-    return encode(frame)
+        block = pack(frame)
+        return [block], len(block)
+    parts = encode(frame)
+    return parts, sum(len(p) for p in parts)
+
+
+def _rest(sock: zmq.Socket, first: Any) -> list[Any]:
+    """A message's parts from its first one: the rest is already here once the first is."""
+    parts = [first]
+    while parts[-1].more:
+        parts.append(sock.recv(zmq.NOBLOCK, copy=False))
+    return parts
