@@ -1,7 +1,7 @@
 """streamrec.cluster: pure decisions about the cluster, no I/O.
 
 Owns: the cluster spec (nodes, tables, shard placement, key to shard hash) and,
-routing (replica choice, circuit breaking); the fan-out tree shape comes with replication.
+routing (replica choice, circuit breaking) and the fan-out tree's shape (``tree``).
 May import our ``config`` and ``errors`` only; never ``store``, ``transport``
 or ``ps``.
 
@@ -17,10 +17,12 @@ from streamrec.cluster.spec import (
     embedded_spec,
     load_cluster_spec,
 )
+from streamrec.cluster.tree import FanoutTree, fanout_tree, tree_depth
 
 __all__ = [
     "Breaker",
     "ClusterSpec",
+    "FanoutTree",
     "NodeSpec",
     "Place",
     "Router",
@@ -28,5 +30,7 @@ __all__ = [
     "TableSpec",
     "cluster_spec_from_text",
     "embedded_spec",
+    "fanout_tree",
     "load_cluster_spec",
+    "tree_depth",
 ]
