@@ -524,9 +524,11 @@ class Router:
         tier, the rest of each tier follow by cost. A node whose ejection has run out
         goes first, once, as its probe (recovery is seen at the next call, and
         a failed probe costs that call one fallback); further due nodes go last, so
-        one call never chains through several probes. Nodes still ejected are left
-        out, unless no replica is usable: then all come back, soonest due first,
-        since a call must go somewhere.
+        one call never chains through several probes. Nodes still ejected come last,
+        soonest due first: a replica that is closed may be down without having been
+        ejected yet, and when every replica is ejected or down a call must still go
+        somewhere (the panic threshold of Finagle's and Envoy's balancers), so an
+        ejected replica that holds the data is tried before the call fails.
 
         Args:
             replicas: node names holding the data, each known to the router.
@@ -551,8 +553,8 @@ class Router:
                 due.append(n)
             else:
                 held.append(n)
+        held.sort(key=lambda n: n.breaker.open_until)
         if not live and not due:
-            held.sort(key=lambda n: n.breaker.open_until)
             return [n.name for n in held]
         due.sort(key=lambda n: n.breaker.open_until)
         out = [n.name for n in due[:1]]
@@ -572,6 +574,7 @@ class Router:
             first = False
             out.extend(n.name for n in ranked)
         out.extend(n.name for n in due[1:])
+        out.extend(n.name for n in held)
         return out
 
     def transport_order(self, node: str, offered: Sequence[str]) -> list[str]:

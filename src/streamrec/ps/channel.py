@@ -41,6 +41,7 @@ log = logging.getLogger("streamrec.ps")
 PREFERENCE = ("one_sided", "shm", "rdma", "tcp")
 _REOPEN_S = 0.5  # a failed transport is not reopened sooner than this
 _REHELLO_S = 2.0  # how often to ask again while some replica was still filling
+_HELLO_S = 0.5  # a HELLO's patience: the master answers it inline, and a call waits for it
 _ids = itertools.count(1)
 
 
@@ -76,6 +77,7 @@ class NodeLink:
         self._blocked_until: dict[str, float] = {}
         self._hello: dict[str, Any] | None = None
         self._hello_at = 0.0
+        self._hello_stale = False  # a transport failed: the node may have restarted
         self._local = _local_host()
 
     # -- what can be used --------------------------------------------------------------
@@ -100,16 +102,24 @@ class NodeLink:
                 out.append(name)
         return out or ["tcp"]
 
+    def blocked(self, name: str) -> bool:
+        """Whether transport ``name`` failed too recently to be tried again."""
+        return self._blocked_until.get(name, 0.0) > time.monotonic()
+
     def _refresh(self, now: float) -> None:
-        stale = self._hello is None or (
+        stale = self._hello is None or self._hello_stale or (
             now - self._hello_at > _REHELLO_S and not all(s["ready"] for s in self._hello["shards"]))
-        if not stale or now - self._hello_at < _REOPEN_S:
+        if not stale or now - self._hello_at < _REOPEN_S or self.blocked("tcp"):
             return
         self._hello_at = now
         try:
-            reply = self.connection("tcp").request(Frame(Kind.HELLO, request_id=next(_ids)), self._timeout)
+            reply = self.connection("tcp").request(Frame(Kind.HELLO, request_id=next(_ids)),
+                                                   min(self._timeout, _HELLO_S))
             if reply.status == Status.OK:
-                self._hello = json.loads(reply.text())
+                info = json.loads(reply.text())
+                if self._hello is not None and info.get("incarnation") != self._hello.get("incarnation"):
+                    self._drop_conns(keep="tcp")  # a new process: its shm and rdma endpoints are new too
+                self._hello, self._hello_stale = info, False
                 self._drop_readers()
         except (TransportError, ValueError) as exc:
             log.debug("hello to %s failed: %s", self.node.name, exc)
@@ -201,7 +211,7 @@ class NodeLink:
         if conn is not None:
             conn.close()
         if name != "one_sided":
-            self._hello_at = 0.0  # ask again what the node offers: it may have restarted
+            self._hello_stale = True  # ask again what the node offers: it may have restarted
 
     def _drop_readers(self) -> None:
         for r in self._readers.values():
@@ -209,8 +219,10 @@ class NodeLink:
                 r.close()
         self._readers.clear()
 
+    def _drop_conns(self, keep: str = "") -> None:
+        for name in [n for n in self._conns if n != keep]:
+            self._conns.pop(name).close()
+
     def close(self) -> None:
         self._drop_readers()
-        for c in self._conns.values():
-            c.close()
-        self._conns.clear()
+        self._drop_conns()

@@ -9,14 +9,16 @@ so the caller sees one answer or one error. It must not interpret table
 contents (the service does) or encode bytes (the transports do).
 
 Reads go to one replica of each shard (hedged to a second when hedging is on);
-writes go to every replica of each shard and succeed when at least one replica
-of every shard applied them. A retried write carries the same request id on
-every transport and replica, so a replica applies it once. Replication by a
-replicated log (Raft) and the fan-out tree come with the replication issue:
-until then a replica that misses writes while it is down is refilled from a
-peer when it restarts, and one that misses a write while up (its reply lost
-past every retry) stays behind until it is refilled. ``failed_replica_writes``
-counts those.
+writes go to every replica of each shard that is up, ready or filling. A write
+is acknowledged once every ready replica that answered applied it, and at least
+one ready replica of every shard did; a write that reached no ready replica of
+some shard fails (it may still have been applied on some replicas). A retried
+write carries the same request id on every transport and replica, so a replica
+applies it once. Each write also carries this client's sequence number for its
+shard, so a replica that missed one (it was paused, or unreachable while its
+peer acknowledged) sees the gap on the next and refills from its peer
+(``ps.service``). ``assign`` returns a ``WriteAck`` naming the replicas that
+did not confirm; ``failed_replica_writes`` counts them.
 
 Without a spec the client is the embedded default: it hosts the embedded
 spec's shards in its own process and calls them through the same engine.
@@ -42,6 +44,7 @@ from streamrec.cluster.router import Place, Router, RouterConfig
 from streamrec.cluster.spec import ClusterSpec, embedded_spec
 from streamrec.errors import (
     DeadlineExceeded,
+    NonFiniteValues,
     PeerUnavailable,
     RemoteError,
     StoreError,
@@ -49,11 +52,11 @@ from streamrec.errors import (
 )
 from streamrec.ps._plan import Plan, make_plan, sum_rows
 from streamrec.ps.channel import PREFERENCE, NodeLink
-from streamrec.ps.service import MAX_KEYS, Service
+from streamrec.ps.service import FILLING, MAX_KEYS, SEQ_MOD, Service
 from streamrec.transport.base import Connection
 from streamrec.transport.frames import Flag, Frame, Kind, Status
 
-__all__ = ["ClientStats", "PSClient"]
+__all__ = ["ClientStats", "PSClient", "WriteAck"]
 
 _ATTEMPT_S = 0.5  # one attempt's patience before the next transport or replica is tried
 _SLICE_S = 0.02  # longest wait for replies between two checks of attempt timeouts and hedges
@@ -74,6 +77,21 @@ class ClientStats:
     failed_replica_writes: int = 0
     by_transport: dict[str, int] = field(default_factory=dict)  # requests answered OK, per transport
     by_node: dict[str, int] = field(default_factory=dict)  # requests answered OK, per node
+
+
+@dataclass(frozen=True)
+class WriteAck:
+    """What a write reached.
+
+    Attributes:
+        ready_replicas: the fewest ready replicas that applied it, over the shards it touched.
+        missed: replicas (node names) that did not confirm it: down, paused, or too
+            slow. Each refills from its peer before it serves again (it is not ready,
+            or sees the gap in this client's sequence on its next write).
+    """
+
+    ready_replicas: int
+    missed: tuple[str, ...] = ()
 
 
 @dataclass(slots=True)
@@ -97,6 +115,7 @@ class _Call:
     retried: bool = False
     hedge: _Call | None = None
     primary: _Call | None = None
+    group: list[_Call] | None = None  # a write: the calls to every replica of its shard
 
     @property
     def done(self) -> bool:
@@ -160,11 +179,16 @@ class PSClient:
         self._poller = zmq.Poller()
         self._registered: set[Any] = set()
         self._few_repeats: dict[int, tuple[int, bool]] = {}  # table -> (calls until re-measured, few?)
+        self._seqs: dict[tuple[int, int], int] = {}  # (table, shard) -> the last write's sequence number
+        self.last_ack = WriteAck(0)  # what the last write reached
 
     # -- public API ------------------------------------------------------------------------
 
-    def find(self, table: str, keys: Any) -> tuple[np.ndarray, np.ndarray]:
+    def find(self, table: str, keys: Any, *, node: str | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Rows of ``keys``: ``(values (B, D), found (B,))``, zeros where absent.
+
+        ``node``: read from that node's replicas only, with no failover (to verify
+        replicas one by one); every shard the keys fall in must have one there.
 
         Raises:
             DeadlineExceeded, PeerUnavailable: no replica of some shard answered in time.
@@ -174,7 +198,9 @@ class PSClient:
         k = _keys(keys)
         b = k.shape[0]
         plan: Plan | None = None
-        if spec.shards == 1 and b:
+        if node is not None:
+            self.spec.node(node)  # a ConfigError for an unknown name
+        if spec.shards == 1 and b and node is None:
             # One shard: when a table's reads carry few repeats, asking for the keys as given
             # costs a few rows on the wire and saves the planning and the gather: the reply's
             # rows are in the caller's order and are returned as they arrived (measured: about
@@ -194,7 +220,8 @@ class PSClient:
             plan = self._plan(t, k)
         values = np.empty((b, spec.config.dim), dtype=np.dtype(spec.config.dtype))
         found = np.empty(b, dtype=np.bool_)
-        for sl, reply in self._fan_out(Kind.FIND, t, plan.bounds, lambda sl: [plan.keys[sl]], read=True):
+        for sl, reply in self._fan_out(Kind.FIND, t, plan.bounds, lambda sl: [plan.keys[sl]], read=True,
+                                       node=node):
             got, got_found = _checked(reply, 2, sl, spec.config.dim, values.dtype)
             plan.scatter(sl, got, got_found, values, found)
         return values, found
@@ -209,9 +236,18 @@ class PSClient:
             plan.scatter(sl, _checked(reply, 1, sl, spec.config.dim, values.dtype)[0], None, values, None)
         return values
 
-    def assign(self, table: str, keys: Any, values: Any, *, only_existing: bool = False) -> None:
+    def assign(self, table: str, keys: Any, values: Any, *, only_existing: bool = False) -> WriteAck:
         """Write ``values`` (B, D) to ``keys`` on every replica (inserting absent keys
-        unless ``only_existing``). Of a key repeated in the batch, the last value wins."""
+        unless ``only_existing``). Of a key repeated in the batch, the last value wins.
+
+        Returns: which replicas confirmed it (see ``WriteAck``).
+
+        Raises:
+            PeerUnavailable, DeadlineExceeded: no ready replica of some shard applied it.
+            RemoteError: a replica refused it (bad input, table full).
+            NonFiniteValues: a shard's table (policy "raise") refused NaN or inf
+                values; that shard wrote nothing (others may have written theirs).
+        """
         t, spec = self.spec.table(table)
         plan = self._plan(t, _keys(keys))
         v = np.asarray(values)
@@ -220,11 +256,17 @@ class PSClient:
         vals = np.ascontiguousarray(np.take(v, plan.last, axis=0), dtype=np.dtype(spec.config.dtype))
         self._fan_out(Kind.ASSIGN, t, plan.bounds, lambda sl: [plan.keys[sl], vals[sl]], read=False,
                       aux=int(only_existing))
+        return self.last_ack
 
     def apply_gradients(self, table: str, keys: Any, grads: Any, lr: float) -> np.ndarray:
         """One optimizer step on every replica; gradients of repeated keys are summed.
 
         Returns: (B,) mask of the keys found.
+
+        Raises:
+            NonFiniteValues: a shard's table (policy "raise") refused steps that
+                would not be finite; that shard wrote nothing, but other shards
+                of the call may have applied theirs (the check is per shard).
         """
         t, spec = self.spec.table(table)
         plan = self._plan(t, _keys(keys))
@@ -232,8 +274,8 @@ class PSClient:
         if g.shape != (plan.inverse.shape[0], spec.config.dim):
             raise ValueError(f"grads: expected ({plan.inverse.shape[0]}, {spec.config.dim}), got {g.shape}")
         real = isinstance(lr, (int, float, np.floating)) and not isinstance(lr, bool)
-        if not (real and np.isfinite(lr) and lr >= 0):
-            raise ValueError(f"lr: expected a finite number >= 0, got {lr!r}")
+        if not (real and np.isfinite(lr) and lr > 0):
+            raise ValueError(f"lr: expected a finite number > 0, got {lr!r}")
         summed = sum_rows(g, plan)
         lr_buf = np.array([lr], dtype=np.float64)
         found = np.empty(plan.keys.shape[0], dtype=np.bool_)
@@ -285,35 +327,56 @@ class PSClient:
         return make_plan(keys, nshards, lambda u: self.spec.shard_of(t, u))
 
     def _fan_out(self, kind: Kind, t: int, bounds: np.ndarray, bufs: Callable[[slice], list[np.ndarray]],
-                 *, read: bool, aux: int = 0) -> list[tuple[slice, Frame]]:
+                 *, read: bool, aux: int = 0, node: str | None = None) -> list[tuple[slice, Frame]]:
         """One call per shard (reads) or shard replica (writes); (slice of the keys, reply) per shard.
 
         Shard s's keys are ``bounds[s]:bounds[s + 1]`` of the keys sent (a plan's, or the
         caller's as given); ``bufs(sl)`` builds the request buffers for one shard's slice.
+        ``node``: a read from that node only.
         """
         groups: list[tuple[slice, list[_Call]]] = []
         for s in range(self.spec.tables[t].shards):
             sl = slice(int(bounds[s]), int(bounds[s + 1]))
             if sl.start == sl.stop:
                 continue
-            frame = Frame(kind, bufs(sl), request_id=next(self._ids), table=t, shard=s, aux=aux)
             replicas = self.spec.replicas(t, s)
             if read:
-                calls = [_Call(frame, self.router.order(replicas), read=True)]
+                if node is not None and node not in replicas:
+                    raise ValueError(f"node {node!r} holds no replica of table {t} shard {s}")
+                frame = Frame(kind, bufs(sl), request_id=next(self._ids), table=t, shard=s, aux=aux)
+                calls = [_Call(frame, [node] if node is not None else self.router.order(replicas), read=True)]
             else:  # every replica gets the same id, so a retried write applies once per replica
+                seq = self._seqs.get((t, s), 0) % (SEQ_MOD - 1) + 1  # 1 .. SEQ_MOD - 1: 0 means none
+                self._seqs[(t, s)] = seq
+                frame = Frame(kind, bufs(sl), request_id=next(self._ids), table=t, shard=s,
+                              aux=aux | seq << 1)
                 calls = [_Call(frame, [n], read=False) for n in replicas]
+                for c in calls:
+                    c.group = calls
             groups.append((sl, calls))
         self.stats.calls += 1
         self._run([c for _, cs in groups for c in cs])
         out = []
+        fewest, missed = len(self.spec.nodes), []
         for sl, calls in groups:
             ok = [c.reply for c in calls if c.reply is not None]
-            if not ok:
+            ready = [r for r in ok if read or not r.aux & FILLING]
+            if not ready:
                 self.stats.failed_calls += 1
-                raise next((c.error for c in calls if c.error is not None),
-                           PeerUnavailable(f"no replica of table {t} shard {calls[0].frame.shard} answered"))
-            self.stats.failed_replica_writes += len(calls) - len(ok)
-            out.append((sl, ok[0]))
+                raise next((c.error for c in calls if c.error is not None and not _retriable(c.error)),
+                           next((c.error for c in calls if c.error is not None), PeerUnavailable(
+                               f"no ready replica of table {t} shard {calls[0].frame.shard} applied it")))
+            if not read:
+                bad = next((c.error for c in calls if c.error is not None and not _retriable(c.error)), None)
+                if bad is not None:  # a replica refused what another applied: the caller must know
+                    self.stats.failed_calls += 1
+                    raise bad
+                fewest = min(fewest, len(ready))
+                missed += [c.node for c in calls if c.reply is None]
+                self.stats.failed_replica_writes += len(calls) - len(ok)
+            out.append((sl, ready[0]))
+        if not read:
+            self.last_ack = WriteAck(fewest if groups else 0, tuple(missed))
         return out
 
     def _one(self, node: str, frame: Frame, timeout_s: float | None = None) -> Frame:
@@ -373,8 +436,16 @@ class PSClient:
                 if c.terminal or c.reply is not None or c.conn is None:
                     continue
                 # Give up on an attempt early only when there is somewhere else to go;
-                # the last option waits for the call's deadline (a slow reply beats none).
-                if now - c.sent_at > attempt_s and (c.transports or c.candidates):
+                # the last option waits for the call's deadline (a slow reply beats none),
+                # except a write's copy to a replica slower than its answered siblings: that
+                # replica sees the gap in this client's sequence later and refills.
+                if (now - c.sent_at > attempt_s and not c.read and not (c.transports or c.candidates)
+                        and c.group is not None and any(x.reply is not None for x in c.group)):
+                    self._leave(c, ok=False)
+                    self._settle(c, None, DeadlineExceeded(
+                        f"no reply in {attempt_s:.3f} s", deadline_s=attempt_s, peer=c.node,
+                        transport=c.transport), pending)
+                elif now - c.sent_at > attempt_s and (c.transports or c.candidates):
                     self._attempt_failed(c, DeadlineExceeded(
                         f"no reply in {attempt_s:.3f} s", deadline_s=attempt_s, peer=c.node,
                         transport=c.transport), pending, one_sided, deadline)
@@ -424,6 +495,12 @@ class PSClient:
             if c.transport == "one_sided":
                 one_sided.append(c)
                 return True
+            if link.blocked(c.transport):
+                # Failed a moment ago: skip it, and do not renew its block (a renewed block would
+                # keep a restarted node from seeing writes for as long as writes keep coming).
+                c.last_error = PeerUnavailable("recently failed", peer=c.node, transport=c.transport)
+                self._count_retry(c)
+                continue
             try:
                 c.conn = link.connection(c.transport)
                 c.frame.deadline_us = max(1, int(max(deadline - c.sent_at, 0) * 1e6))
@@ -505,7 +582,7 @@ class PSClient:
             if not self._next_node(c, pending, one_sided, deadline):
                 self._settle(c, None, err, pending)
         else:  # the request itself is wrong: every replica would say the same
-            self._settle(c, None, err, pending)
+            self._settle(c, None, _non_finite(reply, err) if status == Status.NON_FINITE else err, pending)
 
     def _leave(self, c: _Call, *, ok: bool) -> None:
         """The call's time on its node is over: score the node (and feed its breaker)."""
@@ -565,12 +642,31 @@ class PSClient:
             self._settle(h, None, h.last_error, pending)
 
 
+def _retriable(exc: Exception) -> bool:
+    """Whether another replica, or the same one later, might take what failed with ``exc``."""
+    if not isinstance(exc, RemoteError):
+        return True
+    return exc.status in Status._value2member_map_ and Status(exc.status).retriable
+
+
 def _unpend(c: _Call, pending: _Pending) -> None:
     cs = pending.get(c.frame.request_id)
     if cs and c in cs:
         cs.remove(c)
         if not cs:
             del pending[c.frame.request_id]
+
+
+def _non_finite(reply: Frame, err: RemoteError) -> Exception:
+    """The ``NonFiniteValues`` a NON_FINITE reply stands for, as the table raised it
+    (rows and first key from the reply's second buffer), raised from ``err``."""
+    b = reply.buffers
+    if len(b) != 2 or b[1].dtype != np.uint64 or b[1].shape != (2,):
+        return err  # not the service's form: left as the RemoteError it is
+    what = "gradient steps" if reply.kind == Kind.APPLY_GRADIENTS else "values"
+    exc = NonFiniteValues(rows=int(b[1][0]), first_key=int(b[1][1]), what=what)
+    exc.__cause__ = err
+    return exc
 
 
 def _checked(reply: Frame, nbufs: int, sl: slice, dim: int, dtype: np.dtype) -> list[np.ndarray]:

@@ -164,8 +164,14 @@ class LocalCluster:
         for log in self._logs.values():
             log.close()
         self._logs.clear()
+        parents = set()
         for n in self.spec.nodes:
-            shutil.rmtree(self.spec.data_dir(n.name), ignore_errors=True)
+            path = Path(self.spec.data_dir(n.name))
+            shutil.rmtree(path, ignore_errors=True)
+            parents.add(path.parent)
+        for parent in parents:  # the cluster's own root (loopback_spec's), once empty; never more
+            with contextlib.suppress(OSError):
+                parent.rmdir()
         shutil.rmtree(self._tmp, ignore_errors=True)
 
     def __enter__(self) -> LocalCluster:

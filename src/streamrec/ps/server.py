@@ -2,7 +2,7 @@
 
 Owns: ``StorageServer``, which hosts one node's shard replicas (a
 ``Service``), listens on every transport the node offers (TCP always; shared
-memory and RDMA where available), fills restarted replicas from a peer, and
+memory and RDMA where available), fills restarted (or stale) replicas from a peer, and
 serves Prometheus metrics and health on HTTP. It must not implement request
 semantics (that is ``Service``) or transports (that is ``transport``).
 
@@ -28,6 +28,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import functools
+import itertools
 import json
 import logging
 import os
@@ -44,7 +45,14 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from streamrec.cluster.spec import ClusterSpec
 from streamrec.errors import FrameError, TransportError
-from streamrec.ps.service import Service, ShardReplica
+from streamrec.ps.service import (
+    EXPORT_CHANGES,
+    EXPORT_END,
+    EXPORT_EXPIRY,
+    EXPORT_TRACK,
+    Service,
+    ShardReplica,
+)
 from streamrec.transport.base import Endpoint, Token
 from streamrec.transport.frames import Frame, Kind, Status, error_reply, reply_to
 from streamrec.transport.tcp import TcpConnection, TcpEndpoint
@@ -61,6 +69,11 @@ _KIND_NAMES = {int(k): k.name for k in Kind}  # metric labels; Kind(x).name cost
 _INLINE_KEYS = 16_384
 _MAX_QUEUE = 1024  # requests handed to workers and not yet answered; beyond it: OVERLOADED
 _SYNC_ROWS = 32_768  # rows per EXPORT chunk when filling from a peer (16 MiB at dim 64 + Adagrad)
+_FILL_TIMEOUT_S = 5.0  # one EXPORT's patience; a paused peer is waited for, then asked again
+# A master loop that did not run this long (its poll waits at most 0.1 s) was frozen past
+# the point where a client gives up on a request (0.5 s) and acknowledges a write without it.
+_FROZEN_S = 0.45
+_FILL_RETRY_S = 0.2  # pause between two tries at filling (no peer reachable, or all filling)
 
 
 class _Metrics:
@@ -130,7 +143,10 @@ class StorageServer:
         self.node = spec.node(node)
         self._fill = fill_from_peers
         self.service = Service(spec, node, data_dir=data_dir if data_dir is not None else spec.data_dir(node),
-                               ready=not fill_from_peers)
+                               ready=not fill_from_peers,
+                               on_stale=self._on_stale if fill_from_peers else None)
+        self._fills: set[tuple[int, int]] = set()  # replicas with a fill thread running
+        self._fills_lock = threading.Lock()  # taken after a replica's lock, never before
         self.metrics = _Metrics(node)
         self._want_shm, self._want_rdma = shm, rdma
         self._endpoints: list[Endpoint] = []
@@ -173,7 +189,8 @@ class StorageServer:
         self._master = threading.Thread(target=self._run, name="ps-master", daemon=True)
         self._master.start()
         if self._fill:
-            threading.Thread(target=self._fill_from_peers, name="ps-fill", daemon=True).start()
+            for rep in self.service.replicas.values():
+                self._on_stale(rep)
         return self
 
     def stop(self) -> None:
@@ -219,7 +236,10 @@ class StorageServer:
                 for p in current.keys() - owner.keys():
                     poller.register(p, zmq.POLLIN)
                 owner = current
-                for p, _ in poller.poll(100):
+                events = poller.poll(100)
+                if time.monotonic() - self._beat > _FROZEN_S:
+                    self._frozen(time.monotonic() - self._beat)
+                for p, _ in events:
                     if p == self._efd:
                         self._send_done()
                         continue
@@ -232,6 +252,19 @@ class StorageServer:
             raise
         finally:
             self.metrics.info.labels(self.node.name).set(0)
+
+    def _frozen(self, seconds: float) -> None:
+        """The process did not run for ``seconds`` (SIGSTOP, a frozen VM): clients gave up on it
+        and their peers acknowledged writes it never saw, so its ready replicas fill again
+        before they answer another read."""
+        if not self._fill:
+            return
+        log.warning("the master loop did not run for %.2f s: filling every replica again", seconds)
+        for rep in self.service.replicas.values():
+            with rep.lock:
+                if rep.ready:
+                    rep.ready = False
+                    self._on_stale(rep)
 
     def _dispatch(self, ep: Endpoint, token: Token, req: Frame | FrameError) -> None:
         arrived = time.monotonic()
@@ -297,45 +330,134 @@ class StorageServer:
         if nkeys and reply.status == Status.OK:
             m.keys_child(kind).inc(nkeys)
 
-    # -- filling a restarted replica ---------------------------------------------------
+    # -- filling a replica from its peer ------------------------------------------------
+    #
+    # A replica fills when it starts, and again when it finds it missed a write
+    # (``Service.on_stale``). While it fills it applies clients' writes (and keeps
+    # the keys it wrote out of the copy) but serves no reads. The peer records the
+    # keys written from the copy's start; once the scan is done the filler copies
+    # those again until none is left, and only then, under the replica's lock,
+    # reports ready. It never reports ready without a copy: with its peer paused or
+    # gone it keeps trying, except when every peer answers that it is filling too
+    # and none holds data (a new cluster), or it held data itself and no peer does.
 
-    def _fill_from_peers(self) -> None:
-        for (t, s), rep in sorted(self.service.replicas.items()):
+    def _on_stale(self, rep: ShardReplica) -> None:
+        key = (rep.table_index, rep.shard)
+        with self._fills_lock:
+            if key in self._fills:
+                return
+            self._fills.add(key)
+        threading.Thread(target=self._fill_loop, args=(rep,), name=f"ps-fill-{key[0]}-{key[1]}",
+                         daemon=True).start()
+
+    def _fill_loop(self, rep: ShardReplica) -> None:
+        t, s = rep.table_index, rep.shard
+        key = (t, s)
+        while not self._stop.is_set():
             try:
-                self._fill_one(t, s, rep)
+                done = self._fill_one(t, s, rep)
             except Exception:
-                log.exception("filling table %d shard %d failed; serving it empty", t, s)
-            rep.ready = True
+                log.exception("filling table %d shard %d failed; trying again", t, s)
+                done = False
+            if done:
+                with rep.lock, self._fills_lock:
+                    rep.ready = rep.held = True
+                    rep.touched.clear()
+                    self._fills.discard(key)
+                return
+            self._stop.wait(_FILL_RETRY_S)
+        with self._fills_lock:
+            self._fills.discard(key)
 
-    def _fill_one(self, t: int, s: int, rep: ShardReplica) -> None:
-        """Copy one replica from the first ready peer (rows with optimizer state)."""
-        for peer in self.spec.replicas(t, s):
-            if peer == self.node.name:
-                continue
+    def _fill_one(self, t: int, s: int, rep: ShardReplica) -> bool:
+        """One try at filling from a ready peer; True when the replica may report ready."""
+        peers = [p for p in self.spec.replicas(t, s) if p != self.node.name]
+        answered, held = 0, []
+        for peer in peers:
             try:
                 conn = TcpConnection(self.spec.node(peer).address, max_frame_bytes=self.spec.max_frame_bytes,
                                      connect_timeout_s=0.5)
-            except ValueError:
+            except (ValueError, TransportError):
                 continue
             try:
-                start, rows = 0, 0
-                while start >= 0:
-                    req = Frame(Kind.EXPORT, [np.array([start], np.int64), np.array([_SYNC_ROWS], np.int64)],
-                                request_id=start + 1, table=t, shard=s)
-                    reply = conn.request(req, 10.0)
-                    if reply.status != Status.OK:
-                        raise TransportError(f"peer answered {Status(reply.status).name}: {reply.text()}")
-                    keys, values, nxt = reply.buffers
-                    if keys.size:
-                        rep.table.import_chunks([(keys.copy(), values.copy())], include_state=True)
-                        rows += keys.size
-                    start = int(nxt[0])
-                log.info("table %d shard %d: filled %d rows from %s", t, s, rows, peer)
-                return
+                state = self._copy_from(conn, peer, t, s, rep)
             except TransportError as exc:
                 log.info("table %d shard %d: peer %s cannot fill it (%s)", t, s, peer, exc)
+                continue
             finally:
                 conn.close()
+            if state == "filled":
+                return True
+            answered += 1
+            if state == "held":
+                held.append(peer)
+        # Every peer is filling too. With none holding data (a new cluster) every replica may
+        # start empty; a replica that held data goes first, the first by name among several.
+        if answered == len(peers) and (not held or (rep.held and self.node.name < min(held))):
+            log.warning("table %d shard %d: no peer holds data (%d answered, all filling): serving what "
+                        "this replica holds (%d rows)", t, s, answered, len(rep.table))
+            return True
+        return False
+
+    def _copy_from(self, conn: TcpConnection, peer: str, t: int, s: int, rep: ShardReplica) -> str:
+        """Copy the shard from ``peer``: "filled", or "empty"/"held" if the peer is filling itself."""
+        ids = itertools.count(1)
+
+        def ask(aux: int, start: int = 0) -> Frame:
+            req = Frame(Kind.EXPORT, [np.array([start], np.int64), np.array([_SYNC_ROWS], np.int64)],
+                        request_id=next(ids), table=t, shard=s, aux=aux)
+            return conn.request(req, _FILL_TIMEOUT_S)
+
+        start, rows = 0, 0
+        aux = EXPORT_TRACK | EXPORT_EXPIRY
+        while start >= 0:
+            reply = ask(aux, start)
+            if reply.status == Status.UNAVAILABLE and start == 0:
+                return "held" if reply.aux else "empty"
+            _check(reply)
+            keys, values, nxt, expires_at = reply.buffers
+            rows += self._import(rep, keys, values, expires_at)
+            start, aux = int(nxt[0]), EXPORT_EXPIRY
+        rounds = 0
+        while True:  # the keys written on the peer since the copy began, until none is left
+            reply = ask(EXPORT_CHANGES)
+            _check(reply)
+            keys, values, erased, left = reply.buffers
+            with rep.lock:
+                fresh = _untouched(rep, keys)
+                if fresh.any():
+                    rep.table.import_chunks([(keys[fresh].copy(), values[fresh].copy())])
+                gone = _untouched(rep, erased)
+                if gone.any():
+                    rep.table.erase(erased[gone].copy())
+                if int(left[0]) == 0 and keys.size + erased.size == 0:
+                    break
+            rounds += 1
+        with contextlib.suppress(TransportError):
+            ask(EXPORT_END)
+        log.info("table %d shard %d: filled %d rows from %s, then %d rounds of changes", t, s, rows, peer,
+                 rounds)
+        return "filled"
+
+    @staticmethod
+    def _import(rep: ShardReplica, keys: np.ndarray, values: np.ndarray, expires_at: np.ndarray) -> int:
+        with rep.lock:  # against live writes: a key they wrote keeps their value
+            keep = _untouched(rep, keys)
+            if keep.any():
+                rep.table.import_chunks([(keys[keep].copy(), values[keep].copy(), expires_at[keep])],
+                                        include_state=True)
+            return int(np.count_nonzero(keep))
+
+
+def _untouched(rep: ShardReplica, keys: np.ndarray) -> np.ndarray:
+    if not rep.touched or not keys.size:
+        return np.ones(keys.shape[0], np.bool_)
+    return ~np.isin(keys, np.fromiter(rep.touched, np.uint64, len(rep.touched)))
+
+
+def _check(reply: Frame) -> None:
+    if reply.status != Status.OK:
+        raise TransportError(f"peer answered {Status(reply.status).name}: {reply.text()}")
 
 
 def _rows(rep: ShardReplica) -> float:

@@ -15,13 +15,34 @@ Request contracts (buffers in order; B keys, D the table's dim)::
                     (aux 0: insert or assign; aux 1: assign existing keys only)
     ERASE           keys u64 (B,)                   -> removed i64 (1,)
     EXPORT          start i64 (1,), rows i64 (1,)   -> keys (n,), rows (n, D + state), next i64 (1,)
+                    (aux EXPORT_TRACK: also start recording the keys written from now on;
+                    aux EXPORT_EXPIRY: a 4th buffer, each row's expiry i64 (n,), 0 = never)
+                    (aux EXPORT_CHANGES: the recorded keys instead, up to ``rows`` of them:
+                    -> keys (n,), rows (n, D), erased keys (m,), still recorded i64 (1,))
+                    (aux EXPORT_END: stop recording)
     STATS / HELLO   -                               -> JSON (uint8)
     SNAPSHOT        -                               -> JSON (uint8): the snapshot paths
     PING            -                               -> -
 
+A write a table refuses for NaN or infinity (its ``nonfinite`` policy is
+"raise") is answered ``NON_FINITE``, nothing written on that replica, with
+``[rows, first key]`` as a second uint64 buffer beside the message.
+
 Writes apply once: each replica remembers the request ids of its last
 ``_WRITE_MEMORY`` writes, and a write whose id it has seen (a client retrying
 on another transport after a lost reply) is answered without applying it again.
+
+Client-replicated writes (two replicas per shard). A replica that is not ready
+(filling from its peer after a restart) applies writes but refuses reads; its
+write replies carry ``aux`` ``FILLING`` so the client does not count it as a
+ready copy. Keys it wrote while filling are never overwritten by the rows it
+copies from the peer (those may be older). The peer records the keys written
+while a fill runs (EXPORT_TRACK), and the filler copies them again
+(EXPORT_CHANGES) until none is left, then reports ready. Each write also
+carries the client's per-shard sequence number in ``aux`` bits 1-31: a replica
+that sees a number skipped, or one arriving after a later one, missed an
+acknowledged write (it was paused, or its link was down) and goes back to
+filling (``on_stale``).
 
 Thread safety: ``Service.handle`` may be called from many threads at once.
 Reads run lock-free on the table; writes to one replica are serialised by its
@@ -38,6 +59,7 @@ import shutil
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -45,11 +67,12 @@ import numpy as np
 
 from streamrec.cluster.spec import ClusterSpec
 from streamrec.config import TableConfig
-from streamrec.errors import StoreError
+from streamrec.errors import NonFiniteValues, StoreError
 from streamrec.store import EmbeddingTable
 from streamrec.transport.frames import Frame, Kind, Status, error_reply, in_place, reply_to
 
-__all__ = ["MAX_KEYS", "Service", "ShardReplica"]
+__all__ = ["EXPORT_CHANGES", "EXPORT_END", "EXPORT_EXPIRY", "EXPORT_TRACK", "FILLING", "MAX_KEYS", "SEQ_MOD",
+           "Service", "ShardReplica"]
 
 log = logging.getLogger("streamrec.ps")
 
@@ -58,6 +81,12 @@ _WRITE_MEMORY = 65_536  # write ids remembered per replica: minutes of retries a
 _EXPORT_ROWS_MAX = 1 << 16
 _WRITE_BUFFERS = {Kind.FIND_OR_INSERT: 1, Kind.APPLY_GRADIENTS: 3, Kind.ASSIGN: 2, Kind.ERASE: 1}
 _WRITES = frozenset(_WRITE_BUFFERS)
+_MASKED = frozenset({Kind.ASSIGN, Kind.APPLY_GRADIENTS})  # replies whose buffer 0 says which keys changed
+FILLING = 1  # reply aux of a write applied by a replica that is not ready
+EXPORT_TRACK, EXPORT_EXPIRY, EXPORT_CHANGES, EXPORT_END = 1, 2, 4, 8
+IN_ORDER, SKIPPED, LATE = 0, 1, 2
+SEQ_MOD = 1 << 31  # write sequence numbers live in aux bits 1-31; 0 = none
+_TRACK_MAX = 1 << 22  # keys a peer records for a fill; past it the fill starts over (bounded memory)
 
 
 class _BadRequest(Exception):
@@ -71,7 +100,11 @@ class ShardReplica:
         table_index, shard: which shard.
         table: its ``EmbeddingTable`` (file-backed when the service has a data dir,
             so one-sided readers on this host can map it).
-        ready: False while the replica is being filled from a peer.
+        ready: False while the replica is being filled from a peer (it applies
+            writes then, but serves no reads).
+        held: True once it held the shard (filled, or started ready).
+        touched: keys written while not ready (a copy from the peer skips them).
+        tracking: keys written since a peer's fill began (None: no fill running).
     """
 
     def __init__(self, table_index: int, shard: int, table: EmbeddingTable, *, ready: bool = True) -> None:
@@ -79,8 +112,40 @@ class ShardReplica:
         self.shard = shard
         self.table = table
         self.ready = ready
+        self.held = ready
+        self.touched: set[int] = set()
+        self.tracking: set[int] | None = None
+        self.tracking_lost = False
         self.lock = threading.Lock()
         self._applied: OrderedDict[int, None] = OrderedDict()
+        self._seqs: dict[int, int] = {}  # client id -> its last write sequence number seen
+
+    def order(self, request_id: int, seq: int) -> int:
+        """Writer lock held: where this write falls in its client's sequence: IN_ORDER,
+        SKIPPED (the replica missed the writes between) or LATE (a later one came first)."""
+        if seq == 0:
+            return IN_ORDER
+        client = request_id >> 32
+        last = self._seqs.get(client)
+        if last is None:
+            self._seqs[client] = seq
+            # A client first seen while filling is covered by the copy; one first seen while ready,
+            # past its first write, may have had writes acknowledged without this replica.
+            return IN_ORDER if seq == 1 or not self.ready else SKIPPED
+        step = (seq - last) % SEQ_MOD
+        if step == 0 or step >= SEQ_MOD // 2:
+            return LATE
+        self._seqs[client] = seq
+        return IN_ORDER if step == 1 else SKIPPED
+
+    def note_write(self, kind: int, keys: np.ndarray, mask: np.ndarray | None) -> None:
+        """Writer lock held: a write was applied to ``keys`` (``mask``: to those only)."""
+        if self.tracking is not None:
+            self.tracking.update(keys.tolist())
+            if len(self.tracking) > _TRACK_MAX:
+                self.tracking, self.tracking_lost = None, True
+        if not self.ready and kind != Kind.FIND_OR_INSERT:  # an inserted initial value is no news
+            self.touched.update((keys if mask is None else keys[mask]).tolist())
 
     def applied(self, request_id: int) -> bool:
         """Writer lock held: True if the write with this id was applied already.
@@ -112,8 +177,9 @@ class Service:
     """
 
     def __init__(self, spec: ClusterSpec, node: str, *, data_dir: str | os.PathLike[str] | None = None,
-                 ready: bool = True) -> None:
+                 ready: bool = True, on_stale: Callable[[ShardReplica], None] | None = None) -> None:
         self.spec = spec
+        self.on_stale = on_stale  # called (lock held) when a ready replica finds it missed a write
         self.node = spec.node(node)
         self.data_dir = Path(data_dir) if data_dir is not None else None
         self.incarnation = f"{os.getpid()}-{time.time_ns()}"
@@ -124,6 +190,12 @@ class Service:
             _warm(spec.tables[t].config)
 
     def _new_table(self, t: int, s: int) -> EmbeddingTable:
+        table = self._open_table(t, s)
+        # Store errors carry it (IndexGrowthRefused names the table to the client).
+        table.name = f"{self.spec.tables[t].name}/{s} on {self.node.name}"
+        return table
+
+    def _open_table(self, t: int, s: int) -> EmbeddingTable:
         cfg = self.spec.tables[t].config
         if self.data_dir is None:
             return EmbeddingTable.from_config(cfg)
@@ -160,8 +232,24 @@ class Service:
                 return rep
             if req.kind in _WRITES:
                 with rep.lock:
-                    reply = self._write(rep, req, rep.applied(req.request_id))
+                    again = rep.applied(req.request_id)
+                    order = IN_ORDER if again or self.on_stale is None else rep.order(req.request_id,
+                                                                                       req.aux >> 1)
+                    if order != IN_ORDER and rep.ready and self.on_stale is not None:
+                        # It missed an acknowledged write: only a copy from the peer can say which.
+                        log.warning("table %d shard %d missed a write: filling again", rep.table_index,
+                                    rep.shard)
+                        rep.ready = False
+                        self.on_stale(rep)
+                    if order == LATE:  # applying it now could undo a later write of its client
+                        return error_reply(req, Status.UNAVAILABLE, "a later write of this client came first")
+                    reply = self._write(rep, req, again)
+                    if not again:
+                        mask = reply.buffers[0] if req.kind in _MASKED else None
+                        rep.note_write(req.kind, req.buffers[0], mask)
                     rep.record(req.request_id)
+                    if not rep.ready:
+                        reply.aux = FILLING
                     return reply
             if req.kind == Kind.FIND:
                 keys = _keys(req, 1)
@@ -176,6 +264,8 @@ class Service:
             return error_reply(req, Status.BAD_REQUEST, str(exc))
         except (TypeError, ValueError) as exc:  # the table's own input checks
             return error_reply(req, Status.BAD_REQUEST, str(exc))
+        except NonFiniteValues as exc:  # the data, not this replica: every replica refuses it alike
+            return _non_finite_reply(req, exc)
         except StoreError as exc:
             return error_reply(req, Status.STORE_ERROR, str(exc))
         except Exception as exc:  # a bug must cost one request, never the server
@@ -190,9 +280,11 @@ class Service:
         if rep is None:
             return error_reply(req, Status.NOT_HOSTED, f"node {self.node.name} holds no replica of table "
                                f"{self.spec.tables[req.table].name!r} shard {req.shard}")
-        if not rep.ready:
-            return error_reply(req, Status.UNAVAILABLE, f"table {self.spec.tables[req.table].name!r} shard "
-                               f"{req.shard} is filling from a peer")
+        if not rep.ready and req.kind not in _WRITES:
+            reply = error_reply(req, Status.UNAVAILABLE, f"table {self.spec.tables[req.table].name!r} shard "
+                                f"{req.shard} is filling from a peer")
+            reply.aux = int(rep.held)  # a filling peer says whether it holds data (see server's fill)
+            return reply
         return rep
 
     def _write(self, rep: ShardReplica, req: Frame, again: bool) -> Frame:
@@ -217,8 +309,8 @@ class Service:
         lr = req.buffers[2]
         if lr.dtype != np.float64 or lr.shape != (1,):
             raise _BadRequest(f"buffer 2 (lr): expected float64 (1,), got {lr.dtype} {lr.shape}")
-        if not (np.isfinite(lr[0]) and lr[0] >= 0):  # checked here too: a replay skips the table's check
-            raise _BadRequest(f"lr: expected a finite number >= 0, got {lr[0]}")
+        if not (np.isfinite(lr[0]) and lr[0] > 0):  # checked here too: a replay skips the table's check
+            raise _BadRequest(f"lr: expected a finite number > 0, got {lr[0]}")
         if again:
             return reply_to(req, [table.contains(keys)])
         return reply_to(req, [table.apply_gradients(keys, values, float(lr[0]))])
@@ -229,8 +321,31 @@ class Service:
         start, rows = int(req.buffers[0][0]), int(req.buffers[1][0])
         if start < 0 or not 1 <= rows <= _EXPORT_ROWS_MAX:
             raise _BadRequest(f"EXPORT: start >= 0 and 1 <= rows <= {_EXPORT_ROWS_MAX}, got {start}, {rows}")
+        if req.aux & (EXPORT_TRACK | EXPORT_CHANGES | EXPORT_END):
+            with rep.lock:
+                if req.aux & EXPORT_TRACK:
+                    rep.tracking, rep.tracking_lost = set(), False
+                if req.aux & EXPORT_END:
+                    rep.tracking = None
+                    return reply_to(req)
+                if req.aux & EXPORT_CHANGES:
+                    return self._changes(rep, req, rows)
+        if req.aux & EXPORT_EXPIRY:
+            keys, values, expires_at, nxt = rep.table.export_range_with_expiry(start, rows,
+                                                                                include_state=True)
+            return reply_to(req, [keys, values, np.array([nxt], dtype=np.int64), expires_at])
         keys, values, nxt = rep.table.export_range(start, rows, include_state=True)
         return reply_to(req, [keys, values, np.array([nxt], dtype=np.int64)])
+
+    def _changes(self, rep: ShardReplica, req: Frame, rows: int) -> Frame:
+        """Writer lock held: up to ``rows`` recorded keys, taken off the record, with their rows now."""
+        if rep.tracking is None:
+            return error_reply(req, Status.UNAVAILABLE, "no write record: start the fill over")
+        n = min(rows, len(rep.tracking))
+        keys = np.fromiter((rep.tracking.pop() for _ in range(n)), dtype=np.uint64, count=n)
+        values, found = rep.table.find(keys)
+        return reply_to(req, [keys[found], values[found], keys[~found],
+                              np.array([len(rep.tracking)], dtype=np.int64)])
 
     # -- node-level requests ---------------------------------------------------------
 
@@ -252,7 +367,8 @@ class Service:
         for (t, s), r in sorted(self.replicas.items()):
             st = r.table.stats()
             out.append({"table": self.spec.tables[t].name, "shard": s, "ready": r.ready,
-                        "rows": st.rows, "load_factor": st.load_factor, "memory_bytes": st.memory_bytes})
+                        "rows": st.rows, "load_factor": st.load_factor, "memory_bytes": st.memory_bytes,
+                        "nonfinite_skipped": st.nonfinite_skipped})
         return {"node": self.node.name, "shards": out}
 
     def snapshot(self) -> dict[str, Any]:
@@ -277,11 +393,18 @@ def _warm(cfg: TableConfig) -> None:
     table.insert_or_assign(keys, np.zeros((8, cfg.dim), dtype=cfg.dtype))
     table.assign(keys, np.zeros((8, cfg.dim), dtype=cfg.dtype))
     table.apply_gradients(keys, np.zeros((8, cfg.dim), dtype=np.float32 if cfg.dtype == "float32"
-                                         else np.float64), 0.0)
+                                         else np.float64), 1e-3)  # a scratch table: any lr > 0
     table.find(keys)
     table.contains(keys)
     table.export_range(0, 16, include_state=True)
     table.erase(keys)
+
+
+def _non_finite_reply(req: Frame, exc: NonFiniteValues) -> Frame:
+    """NON_FINITE, with the message and, as buffer 1, ``[rows, first key]`` uint64 for the client."""
+    reply = error_reply(req, Status.NON_FINITE, f"shard {req.shard}: {exc}")
+    reply.buffers.append(np.array([exc.rows, exc.first_key], dtype=np.uint64))
+    return reply
 
 
 def _json(obj: Any) -> np.ndarray:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
@@ -23,6 +23,7 @@ import numpy as np
 from streamrec.config import TableConfig, table_config_to_dict
 from streamrec.errors import SnapshotError
 from streamrec.store._checks import as_keys, as_matrix
+from streamrec.store._evict import CTX_NOW
 from streamrec.store._expiry import ExpiryWheel
 from streamrec.store._files import read_snapshot, snapshot_info
 from streamrec.store._index import BUCKET_BYTES, IndexGeneration
@@ -42,7 +43,25 @@ from streamrec.store._write import export_rows
 if TYPE_CHECKING:
     from streamrec.store.table import Clock, EmbeddingTable, EvictFn, InitFn
 
-__all__ = ["TableFiles"]
+__all__ = ["TableFiles", "hash_key_from_meta"]
+
+_SNAPSHOT_FORMAT = 2  # meta["format"] of table snapshots; 2: the index hash key is in the meta
+
+
+def hash_key_from_meta(meta: Mapping[str, Any], where: str) -> tuple[int, int]:
+    """The index hash key a table's metadata (TABLE.json, a snapshot's meta) records.
+
+    Raises:
+        SnapshotError: it is missing or malformed (the files cannot be read without it).
+    """
+    text = meta.get("hash_key")
+    try:
+        if not (isinstance(text, str) and len(text) == 32):
+            raise ValueError(text)
+        return int(text[:16], 16), int(text[16:], 16)
+    except ValueError:
+        raise SnapshotError(f"index hash key missing or malformed ({text!r}); the index cannot be read "
+                            "without it", path=where) from None
 
 
 class TableFiles:
@@ -69,8 +88,11 @@ class TableFiles:
     _not_admitted: int
     _sketch: np.ndarray
     _wheel: ExpiryWheel | None
+    _clock: Callable[[], float]
     _no_vals: np.ndarray
     _setup: Callable[..., None]
+    _hash_key: tuple[int, int]
+    _set_hash_key: Callable[[tuple[int, int]], None]
     _ctx: Callable[[], np.ndarray]
     _write: Callable[..., None]
 
@@ -85,8 +107,10 @@ class TableFiles:
 
     def _file_meta(self) -> dict[str, Any]:
         lay = self._layout
+        k0, k1 = self._hash_key
         return {"kind": "embedding_table", "config": table_config_to_dict(self.config),
-                "row_bytes": lay.row_bytes, "voff": lay.voff, "epoch": self._epoch}
+                "row_bytes": lay.row_bytes, "voff": lay.voff, "epoch": self._epoch,
+                "hash_key": f"{k0:016x}{k1:016x}"}
 
     def _attach_files(self, path: str | os.PathLike[str]) -> None:
         """Move a new, empty table onto live files in ``path``."""
@@ -146,7 +170,7 @@ class TableFiles:
         with self._lock:
             ix = self._index
             high, nfree = int(self._cnt[CNT_HIGH]), int(self._cnt[CNT_FREE])
-            meta = {**self._file_meta(), "format": 1, "buckets": ix.buckets, "high": high,
+            meta = {**self._file_meta(), "format": _SNAPSHOT_FORMAT, "buckets": ix.buckets, "high": high,
                     "nfree": nfree, "live": int(self._cnt[CNT_LIVE]), "grows": self._grows,
                     "evicted": self._evicted, "expired": self._expired,
                     "not_admitted": self._not_admitted}
@@ -202,12 +226,17 @@ class TableFiles:
             raise SnapshotError(f"row layout {meta.get('row_bytes')} B differs from this build's "
                                 f"{self._layout.row_bytes} B", path=where)
         self._epoch = int(meta["epoch"])
+        self._set_hash_key(hash_key_from_meta(meta, where))
         return self
 
     @classmethod
     def _load_snapshot(cls, root: Path, init_fn: InitFn | None, clock: Clock | None,
                        on_evict: EvictFn | None) -> EmbeddingTable:
         meta = snapshot_info(root).meta
+        if meta.get("format") != _SNAPSHOT_FORMAT:
+            raise SnapshotError(f"table snapshot format {meta.get('format')!r}, this build reads "
+                                f"{_SNAPSHOT_FORMAT} (format 1 predates the keyed index hash: export it "
+                                "with the build that wrote it and import_chunks the rows)", path=str(root))
         self = cls._from_meta(meta, str(root), init_fn, clock, on_evict)
         try:
             high, nfree, live, buckets = (int(meta[k]) for k in ("high", "nfree", "live", "buckets"))
@@ -289,19 +318,63 @@ class TableFiles:
                             start, hi, keys, vals, self._ctx())
         return keys[:c], vals[:c], hi
 
-    def import_chunks(self, chunks: Iterable[tuple[Any, Any]], include_state: bool = False) -> int:
+    def export_range_with_expiry(self, start: int, rows: int, include_state: bool = False
+                                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+        """``export_range`` plus each row's expiry: ``(keys, values, expires_at (n,) int64, next)``.
+
+        ``expires_at`` is in seconds on the table's clock (``time.time`` by default), 0 for
+        a row that never expires; ``import_chunks`` takes it back, so a copied row keeps
+        its deadline instead of starting a fresh TTL.
+        """
+        if not (isinstance(start, int) and start >= 0 and isinstance(rows, int) and rows >= 1):
+            raise ValueError(f"start, rows: expected ints >= 0 and >= 1, got {start!r}, {rows!r}")
+        width = self._layout.dim + (self._layout.state_width if include_state else 0)
+        with self._lock:
+            hi = min(start + rows, int(self._cnt[CNT_HIGH]))
+            if start >= hi:
+                return (np.empty(0, np.uint64), np.empty((0, width), self._layout.dtype),
+                        np.empty(0, np.int64), -1)
+            keys = np.empty(hi - start, dtype=np.uint64)
+            vals = np.empty((hi - start, width), dtype=self._layout.dtype)
+            ctx = self._ctx()
+            c = export_rows(self._arena64, self._arena32, self._arenav, self._layout.voff,
+                            start, hi, keys, vals, ctx)
+            live = (self._arena32[start:hi, STAMP] & 1).astype(bool)
+            if self._wheel is None:
+                expires_at = np.zeros(c, np.int64)
+            else:  # the kernel's filter, over the same rows under the same lock
+                exp = self._arena32[start:hi, self._layout.expire_word].astype(np.int64)
+                live &= (exp == 0) | (exp > int(ctx[CTX_NOW]))
+                expires_at = np.where(exp == 0, 0, exp + self._epoch)[live]
+        assert expires_at.shape[0] == c
+        return keys[:c], vals[:c], expires_at, hi
+
+    def import_chunks(self, chunks: Iterable[tuple[Any, ...]], include_state: bool = False) -> int:
         """Insert-or-assign every ``(keys, values)`` chunk, as ``export`` yields them.
 
         With ``include_state`` the values carry the optimizer state after the
         embedding (W = D + state_width) and it is restored; otherwise new rows
-        get fresh state. Returns the number of keys written.
+        get fresh state. A chunk may carry a third array, ``expires_at`` (n,) as
+        ``export_range_with_expiry`` gives it: in a table with a TTL each row then
+        keeps that deadline (rows already past it are skipped); without one, new
+        rows get the table's TTL. Returns the number of keys written.
         """
         width = self._layout.dim + (self._layout.state_width if include_state else 0)
         total = 0
-        for keys, values in chunks:
-            k = as_keys(keys)
-            v = as_matrix(values, k.shape[0], width, self._layout.dtype, "values")
+        for chunk in chunks:
+            k = as_keys(chunk[0])
+            v = as_matrix(chunk[1], k.shape[0], width, self._layout.dtype, "values")
+            ttl: Any = None
+            if len(chunk) > 2 and self._wheel is not None:
+                at = np.asarray(chunk[2], dtype=np.int64)
+                if at.shape != k.shape:
+                    raise ValueError(f"expires_at: expected shape {k.shape}, got {at.shape}")
+                left = at - int(self._clock())
+                keep = (at == 0) | (left > 0)
+                if not keep.all():
+                    k, v, at, left = k[keep], v[keep], at[keep], left[keep]
+                ttl = np.where(at == 0, 0, left)
             self._write(k, MODE_INSERT_OR_ASSIGN, v, self._no_vals,
-                        np.empty(k.shape[0], dtype=np.bool_), None)
+                        np.empty(k.shape[0], dtype=np.bool_), ttl)
             total += k.shape[0]
         return total

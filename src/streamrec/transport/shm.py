@@ -112,6 +112,7 @@ _MAX_UNREAD = 64  # replies published but not taken; bounds unread D bytes far b
 _MAGIC = 0x0031_4D48_5352_5453  # "STRSHM1\0"
 _VERSION = 1
 _NAME = re.compile(r"streamrec-shm-[0-9]+-[0-9a-f]{16}")
+_SOCK_NAME = re.compile(r"streamrec-([0-9]+)-[0-9a-f]{12}\.sock")
 
 # control-page word indices (u64)
 _W_MAGIC, _W_VERSION, _W_REQ_BYTES, _W_REP_BYTES, _W_CLIENT_PID = 0, 1, 2, 3, 4
@@ -338,6 +339,26 @@ class _Peer(_Segment):
             self.ctl[_W_REQ_TAIL] = tail
 
 
+def _sweep_sockets(directory: str) -> None:
+    """Unlink the listening sockets of endpoints whose process is gone (a killed server
+    cannot unlink its own); a new endpoint does this before it binds its own."""
+    try:
+        names = os.listdir(directory)
+    except OSError:
+        return
+    for name in names:
+        m = _SOCK_NAME.fullmatch(name)
+        if m is None:
+            continue
+        try:
+            os.kill(int(m.group(1)), 0)
+        except ProcessLookupError:
+            with contextlib.suppress(OSError):
+                os.unlink(os.path.join(directory, name))
+        except (PermissionError, OverflowError):
+            pass
+
+
 class ShmEndpoint(Endpoint):
     """Server side: a Unix socket where clients hand over their segments, and one ring pair per client.
 
@@ -371,6 +392,7 @@ class ShmEndpoint(Endpoint):
             raise RuntimeError(f"the shm transport needs x86-64 ordering, this is {platform.machine()}")
         self._ring_bytes = _check_ring_bytes(ring_bytes)
         self._max_frame = max_frame_bytes
+        _sweep_sockets(directory)
         self._path = os.path.join(directory, f"streamrec-{os.getpid()}-{secrets.token_hex(6)}.sock")
         if len(self._path.encode()) > 107:
             raise ValueError(f"socket path {self._path!r} is over 107 bytes: use a shorter directory")
