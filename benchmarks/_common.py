@@ -1,10 +1,17 @@
 """Shared plumbing of the benchmarks: arguments, paired timing, reports, local servers.
 
-Owns: the ``--quick``/``--json`` command line every benchmark takes, the
-measurement discipline (warm-up outside the clock, several rounds, medians,
-ratios taken per round between paths measured back to back), the rich report
-with the ratio before the absolute figure, and starting/stopping a throwaway
-``redis-server`` on loopback. It must not know what any benchmark measures.
+Owns: the ``--smoke``/``--quick``/``--json`` command line every benchmark
+takes, the measurement discipline (warm-up outside the clock, several rounds,
+medians, ratios taken per round between paths measured back to back, answers
+verified outside the clock), the rows that store benchmarks put in their
+tables (``key_values``: a pure function of the key, so any reply can be
+checked), the rich report with the ratio before the absolute figure, and
+starting/stopping a throwaway ``redis-server`` on loopback. It must not know
+what any benchmark measures.
+
+Every benchmark module holds ``KEYS``, the keys of the JSON object that
+``--json`` prints; ``tests/test_benchmarks.py`` runs each with ``--smoke
+--json`` and checks them.
 
 Thread safety: single-threaded helpers.
 """
@@ -26,19 +33,24 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
 __all__ = [
     "Report",
+    "Wrong",
     "bench_args",
+    "check_rows",
     "console",
     "emit_json",
     "finish",
+    "key_values",
     "paired_rates",
     "progress",
     "redis_server",
+    "size",
 ]
 
 console = Console(stderr=True)
@@ -46,10 +58,62 @@ console = Console(stderr=True)
 
 def bench_args(description: str, argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=description)
+    p.add_argument("--smoke", action="store_true",
+                   help="tiny sizes, a few seconds: checks that the benchmark runs and verifies, "
+                   "its figures mean nothing")
     p.add_argument("--quick", action="store_true", help="smaller sizes, finishes in under 60 s")
     p.add_argument("--json", action="store_true", help="print one JSON object as the last line")
     p.add_argument("--rounds", type=int, default=0, help="timed rounds per figure (default 5, quick 3)")
     return p.parse_args(argv)
+
+
+def size(args: argparse.Namespace, full: Any, quick: Any, smoke: Any) -> Any:
+    """The value for the run's size: ``--smoke`` wins over ``--quick``."""
+    return smoke if args.smoke else quick if args.quick else full
+
+
+class Wrong(AssertionError):
+    """A benchmark path returned a wrong answer: its figure would be meaningless."""
+
+
+_VALUE_STRIDE = 1 << 16  # column d adds d * 2**16: below 2**22 at dim 64, so float32 stays exact
+
+
+def key_values(keys: np.ndarray, dim: int, dtype: Any = np.float32) -> np.ndarray:
+    """(B, dim) rows that are a pure function of each key: what store benchmarks insert.
+
+    Element d of key k is ``((k >> 16 * (d % 4)) & 0xFFFF) + d * 2**16``: the
+    first four columns hold all 64 bits of the key, so a row read for the wrong
+    key (or a stale or zeroed row) differs from the right one, and every element
+    is an integer below 2**24 (exact in float32), so checks compare with ``==``.
+
+    Requires: dim <= 255.
+    """
+    k = np.ascontiguousarray(keys, dtype=np.uint64)
+    d = np.arange(dim, dtype=np.uint64)
+    shifts = np.uint64(16) * (d % np.uint64(4))
+    out = np.empty((k.shape[0], dim), dtype=dtype)
+    for lo in range(0, k.shape[0], 4096):  # cache-sized temporaries
+        part = (k[lo:lo + 4096, None] >> shifts[None, :]) & np.uint64(0xFFFF)
+        out[lo:lo + 4096] = part + d * np.uint64(_VALUE_STRIDE)
+    return out
+
+
+def check_rows(what: str, keys: np.ndarray, out: np.ndarray, present: np.ndarray | None = None) -> None:
+    """Raise ``Wrong`` unless ``out`` holds ``key_values(keys)`` (zeros where not ``present``).
+
+    Args:
+        what: names the path and batch in the message.
+        present: (B,) bool, which keys the table holds (None: all of them).
+    """
+    want = key_values(keys, out.shape[1], out.dtype)
+    if present is not None:
+        want[~present] = 0
+    bad = np.flatnonzero((out != want).any(axis=1))
+    if bad.size:
+        i = int(bad[0])
+        raise Wrong(f"{what}: {bad.size} of {keys.size} rows wrong; key {int(keys[i])}: "
+                    f"got {out[i, :4]}..., want {want[i, :4]}...")
 
 
 def progress() -> Progress:
@@ -65,27 +129,39 @@ def progress() -> Progress:
 
 
 def paired_rates(
-    paths: dict[str, Callable[[], int]], rounds: int, min_seconds: float = 0.4
+    paths: dict[str, Callable[[], int]], rounds: int, min_seconds: float = 0.4,
+    verify: dict[str, Callable[[], None]] | None = None, verify_every: int = 8,
 ) -> dict[str, list[float]]:
     """Items/s of each path, measured back to back in every round.
 
     Each callable does one unit of work and returns how many items it handled.
-    Every round runs each path for at least ``min_seconds``; paths alternate
-    within a round so slow drifts of the machine hit all of them alike, and a
-    ratio taken per round compares paths measured moments apart.
+    Every round runs each path for at least ``min_seconds`` of its own calls;
+    paths alternate within a round so slow drifts of the machine hit all of
+    them alike, and a ratio taken per round compares paths measured moments apart.
+
+    ``verify[name]``, when given, checks the answer of the call just made
+    (raising ``Wrong``); it runs after the warm-up call, after every
+    ``verify_every``-th timed call and after each round's last call, with the
+    clock stopped: only the calls themselves are timed.
     """
+    verify = verify or {}
     rates: dict[str, list[float]] = {name: [] for name in paths}
-    for fn in paths.values():
+    for name, fn in paths.items():
         fn()  # warm-up: compile, fault in pages, fill caches
+        if name in verify:
+            verify[name]()
     for _ in range(rounds):
         for name, fn in paths.items():
-            items = 0
-            t0 = time.perf_counter()
-            while True:
+            check = verify.get(name)
+            items = calls = 0
+            dt = 0.0
+            while dt < min_seconds:
+                t0 = time.perf_counter()
                 items += fn()
-                dt = time.perf_counter() - t0
-                if dt >= min_seconds:
-                    break
+                dt += time.perf_counter() - t0
+                calls += 1
+                if check is not None and (calls % verify_every == 0 or dt >= min_seconds):
+                    check()
             rates[name].append(items / dt)
     return rates
 

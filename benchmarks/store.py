@@ -22,8 +22,23 @@ What it measures (one thread, dim 64 float32, batches of 4096 random keys):
 - ``compile_s``: first calls of every kernel used (numba compile, or loading the
   on-disk cache when it is warm; the report says which).
 
+- ``gather_huge_over_4k``: the ceiling's gather over the table's arena (2 MiB
+  pages asked for with ``MADV_HUGEPAGE``) over the same gather from a copy of
+  the same rows in a plain numpy array (4 KiB pages where transparent huge
+  pages are in ``madvise`` mode; ``thp_mode`` says which mode the run had).
+
+How answers are verified (a wrong row fails the run with ``Wrong``): every row
+inserted is ``key_values(key)`` (``_common``: a pure function of the key whose
+first four elements hold all 64 bits of it). Before timing and again after it,
+every pre-drawn batch of every path is run once more, untimed, and its whole
+output compared with ``key_values`` of its keys (zeros for absent keys; the
+ceiling gathers against the arena's own rows). During timing, every 8th call of
+each path and the last call of each round are checked the same way, with the
+clock stopped (``_common.paired_rates``). Fill and steady-state inserts time
+only ``insert_or_assign``; computing the rows is outside the clock.
+
 Ratios are medians of per-round ratios between paths timed back to back.
-Run: ``python benchmarks/store.py [--quick] [--json]`` or ``streamrec bench store``.
+Run: ``python benchmarks/store.py [--smoke | --quick] [--json]`` or ``streamrec bench store``.
 """
 
 from __future__ import annotations
@@ -39,14 +54,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import (
     Report,
+    Wrong,
     bench_args,
+    check_rows,
     console,
     finish,
+    key_values,
     median,
     paired_rates,
     progress,
     ratio,
     redis_server,
+    size,
 )
 
 from streamrec import EmbeddingTable
@@ -57,6 +76,9 @@ DIM = 64
 BATCH = 4096
 N_BATCHES = 64  # distinct pre-drawn batches, cycled
 CEILING_AHEAD = 16
+KEYS = ("find_keys_per_s", "gather_ceiling_keys_per_s", "find_over_ceiling", "find_over_dict",
+        "find_over_redis", "insert_keys_per_s", "max_load_factor", "overhead_fraction",
+        "gather_huge_over_4k", "thp_mode", "compile_s")
 
 
 @kernel
@@ -108,36 +130,51 @@ def compile_first_calls() -> tuple[float, str]:
     return elapsed, "loaded from numba's on-disk cache" if hits else "compiled (cold cache)"
 
 
-def fill(table: EmbeddingTable, keys: np.ndarray, label: str) -> float:
-    """Insert ``keys`` in batches of BATCH; returns keys/s (growth included)."""
-    zeros = np.zeros((BATCH, DIM), np.float32)
+def fill(table: Any, keys: np.ndarray, label: str) -> float:
+    """Insert ``keys`` with their ``key_values`` rows in batches of BATCH; returns keys/s.
+
+    Only ``insert_or_assign`` is timed (growth included); the rows are computed outside the clock.
+    """
     n = keys.size
+    spent = 0.0
     with progress() as bar:
         task = bar.add_task(label, total=n)
-        t0 = time.perf_counter()
         for lo in range(0, n, BATCH):
-            hi = min(lo + BATCH, n)
-            vals = np.full((hi - lo, DIM), 0.5, np.float32) if hi - lo != BATCH else zeros
-            table.insert_or_assign(keys[lo:hi], vals)
+            part = keys[lo:lo + BATCH]
+            vals = key_values(part, table.dim, table.dtype)
+            t0 = time.perf_counter()
+            table.insert_or_assign(part, vals)
+            spent += time.perf_counter() - t0
             if (lo // BATCH) % 64 == 0:
-                bar.update(task, completed=hi)
-        dt = time.perf_counter() - t0
-    return n / dt
+                bar.update(task, completed=lo + part.size)
+    return n / spent
 
 
-def run_size(n: int, quick: bool, rounds: int, with_redis: bool, report: Report) -> dict[str, Any]:
+def thp_mode() -> str:
+    """The transparent-huge-page mode in force (``madvise``, ``always``, ``never``), or ``unknown``."""
+    try:
+        text = Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text()
+    except OSError:
+        return "unknown"
+    start = text.find("[")
+    return text[start + 1:text.find("]")] if start >= 0 else "unknown"
+
+
+def run_size(n: int, quick: bool, rounds: int, with_redis: bool, report: Report,
+             min_seconds: float = 0.4) -> dict[str, Any]:
     keys = unique_keys(n + n // 10, seed=n)
     absent = keys[n:]
     keys = keys[:n]
     rng = np.random.default_rng(7)
     present_idx = [rng.integers(0, n, BATCH) for _ in range(N_BATCHES)]
     batches = [keys[ix] for ix in present_idx]
-    mixed = []
+    mixed, mixed_present = [], []
     for ix in present_idx:
         b = keys[ix].copy()
         b[: BATCH // 10] = absent[rng.integers(0, absent.size, BATCH // 10)]
         rng.shuffle(b)
         mixed.append(b)
+        mixed_present.append(~np.isin(b, absent))
 
     # The first fill of fresh memory in this VM pays the host for every page it
     # backs (about 2 s/GiB with huge pages); a table refilled after a restart on a
@@ -150,32 +187,33 @@ def run_size(n: int, quick: bool, rounds: int, with_redis: bool, report: Report)
     st = table.stats()
     big = [lf for lf, b in zip(st.grow_load_factors, _grow_buckets(1024, st.index_grows), strict=True)
            if b >= 2**14]
-    max_lf = min(big) if big else float("nan")
+    max_lf = min(big) if big else None  # None: no growth of a table that big (--smoke)
     overhead = table.memory_bytes / (n * (8 + DIM * 4)) - 1
 
     # steady-state insert: erase 10 % and put them back (no growth, same table)
-    redo = keys[: n // 10]
+    redo = keys[: max(1, n // 10)]
     table.erase(redo)
+    redo_vals = key_values(redo, DIM)
     t0 = time.perf_counter()
-    zeros = np.zeros((BATCH, DIM), np.float32)
-    for lo in range(0, redo.size - BATCH + 1, BATCH):
-        table.insert_or_assign(redo[lo:lo + BATCH], zeros)
-    tail = redo.size - redo.size % BATCH
-    table.insert_or_assign(redo[tail:], np.zeros((redo.size - tail, DIM), np.float32))
+    for lo in range(0, redo.size, BATCH):
+        table.insert_or_assign(redo[lo:lo + BATCH], redo_vals[lo:lo + BATCH])
     steady_insert = redo.size / (time.perf_counter() - t0)
+    del redo_vals
 
     # dict + numpy baseline over the same rows
     console.print(f"[dim]building the dict baseline over {n:,} keys…[/dim]")
     d = dict(zip(keys.tolist(), range(n), strict=True))
-    values = np.full((n, DIM), 0.5, np.float32)
+    values = key_values(keys, DIM)
 
     out = np.empty((BATCH, DIM), np.float32)
-    row_of = [np.arange(0)] * N_BATCHES
     arena = table._arenav
     voff = table._layout.voff
-    for i in range(N_BATCHES):  # the ceiling gathers random rows of the arena itself
-        row_of[i] = rng.integers(0, n, BATCH)
-    cyc = {"f": 0, "m": 0, "c": 0, "d": 0, "dm": 0, "r": 0}
+    # The ceiling gathers random rows of the arena itself; the 4 KiB-page ceiling the
+    # same rows from a plain numpy copy (no MADV_HUGEPAGE).
+    row_of = [rng.integers(0, n, BATCH) for _ in range(N_BATCHES)]
+    plain = np.empty((n, arena.shape[1]), arena.dtype)
+    plain[:] = arena[:n]
+    cyc = {"f": 0, "m": 0, "c": 0, "c4": 0, "d": 0, "dm": 0, "r": 0}
 
     def nxt(name: str) -> int:
         cyc[name] = (cyc[name] + 1) % N_BATCHES
@@ -192,6 +230,9 @@ def run_size(n: int, quick: bool, rounds: int, with_redis: bool, report: Report)
     def ceiling() -> int:
         return int(gather_rows(arena, row_of[nxt("c")], out, CEILING_AHEAD, voff))
 
+    def ceiling_4k() -> int:
+        return int(gather_rows(plain, row_of[nxt("c4")], out, CEILING_AHEAD, voff))
+
     def dict_present() -> int:
         b = batches[nxt("d")]
         rows = np.fromiter(map(d.__getitem__, b.tolist()), dtype=np.int64, count=b.size)
@@ -206,14 +247,37 @@ def run_size(n: int, quick: bool, rounds: int, with_redis: bool, report: Report)
         out[~hit] = 0
         return BATCH
 
+    def gathered(name: str, src: np.ndarray) -> None:
+        want = src[row_of[cyc[name]], voff:voff + DIM]
+        if not np.array_equal(out, want):
+            raise Wrong(f"{name}: batch {cyc[name]}: the gather returned other rows than the arena's")
+
+    verify: dict[str, Any] = {
+        "find": lambda: check_rows(f"find, batch {cyc['f']}", batches[cyc["f"]], out),
+        "find_mixed": lambda: check_rows(f"find 10% absent, batch {cyc['m']}", mixed[cyc["m"]], out,
+                                         mixed_present[cyc["m"]]),
+        "dict": lambda: check_rows(f"dict, batch {cyc['d']}", batches[cyc["d"]], out),
+        "dict_mixed": lambda: check_rows(f"dict 10% absent, batch {cyc['dm']}", mixed[cyc["dm"]], out,
+                                         mixed_present[cyc["dm"]]),
+        "ceiling": lambda: gathered("c", arena),
+        "ceiling_4k": lambda: gathered("c4", plain),
+    }
     paths = {"find": find_present, "ceiling": ceiling, "dict": dict_present,
-             "find_mixed": find_mixed, "dict_mixed": dict_mixed}
+             "find_mixed": find_mixed, "dict_mixed": dict_mixed, "ceiling_4k": ceiling_4k}
+
+    def verify_all(when: str) -> None:
+        """Every pre-drawn batch of every path, run and checked in full, untimed."""
+        for name, fn in paths.items():
+            for _ in range(N_BATCHES):
+                fn()
+                verify[name]()
+        console.print(f"[dim]verified every batch of every path {when} timing[/dim]")
 
     redis_note = ""
     with redis_server() as srv:
+        client = None
         if isinstance(srv, str) or not with_redis:
             redis_note = srv if isinstance(srv, str) else "Redis measured at the first size only"
-            rates = paired_rates(paths, rounds)
         else:
             import redis as redis_py
 
@@ -231,6 +295,7 @@ def run_size(n: int, quick: bool, rounds: int, with_redis: bool, report: Report)
                     bar.update(task, completed=hi)
             ridx = [np.random.default_rng(i).integers(0, n_redis, BATCH) for i in range(N_BATCHES)]
             rnames = [[names[j] for j in ix.tolist()] for ix in ridx]
+            rkeys = [keys[ix] for ix in ridx]
 
             def redis_mget() -> int:
                 got: list[bytes] = client.mget(rnames[nxt("r")])  # type: ignore[assignment]
@@ -238,8 +303,12 @@ def run_size(n: int, quick: bool, rounds: int, with_redis: bool, report: Report)
                 return BATCH
 
             paths["redis"] = redis_mget
-            rates = paired_rates(paths, rounds)
+            verify["redis"] = lambda: check_rows(f"redis MGET, batch {cyc['r']}", rkeys[cyc["r"]], out)
             redis_note = f"Redis holds {n_redis:,} of the rows (MGET speed does not depend on the total)"
+        verify_all("before")
+        rates = paired_rates(paths, rounds, min_seconds, verify=verify)
+        verify_all("after")
+        if client is not None:
             client.close()
 
     f = median(rates["find"])
@@ -252,6 +321,7 @@ def run_size(n: int, quick: bool, rounds: int, with_redis: bool, report: Report)
         "insert_keys_per_s": fill_rate,
         "max_load_factor": max_lf,
         "overhead_fraction": overhead,
+        "gather_huge_over_4k": ratio(rates["ceiling"], rates["ceiling_4k"]),
     }
     m = f"{n / 1e6:g}M"
     report.add(f"find / memory ceiling ({m})", f"{fig['find_over_ceiling']:.2f}",
@@ -264,11 +334,15 @@ def run_size(n: int, quick: bool, rounds: int, with_redis: bool, report: Report)
     if "redis" in rates:
         report.add(f"find / Redis MGET ({m})", f"{fig['find_over_redis']:.1f}x",
                    f"{f / 1e6:.2f} vs {median(rates['redis']) / 1e6:.3f} M keys/s", ">= 20x")
+    report.add(f"gather: huge pages / 4 KiB pages ({m})", f"{fig['gather_huge_over_4k']:.2f}x",
+               f"{fig['gather_ceiling_keys_per_s'] / 1e6:.2f} vs {median(rates['ceiling_4k']) / 1e6:.2f} "
+               f"M rows/s (THP mode {thp_mode()})")
     report.add(f"insert from empty, growth included ({m})",
                f"{fill_rate / steady_insert:.2f} of steady",
                f"{fill_rate / 1e6:.2f} M keys/s (steady state {steady_insert / 1e6:.2f}, "
                f"cold memory {cold_rate / 1e6:.2f})")
-    report.add(f"load factor at growth ({m})", "", f"{max_lf:.3f} (min over {len(big)} growths)",
+    report.add(f"load factor at growth ({m})", "",
+               f"{max_lf:.3f} (min over {len(big)} growths)" if max_lf is not None else "no growth measured",
                ">= 0.95")
     report.add(f"memory overhead ({m})", f"{overhead:.3f}",
                f"{table.memory_bytes / 2**20:,.0f} MiB for {n:,} keys", "<= 0.10")
@@ -291,18 +365,22 @@ def _grow_buckets(start_capacity: int, grows: int) -> list[int]:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = bench_args(__doc__.splitlines()[0], argv)
-    rounds = args.rounds or (3 if args.quick else 5)
-    sizes = [5_000_000] if args.quick else [5_000_000, 20_000_000]
+    rounds = args.rounds or size(args, 5, 3, 1)
+    sizes = size(args, [5_000_000, 20_000_000], [5_000_000], [60_000])
+    min_seconds = size(args, 0.4, 0.4, 0.02)
     compile_s, how = compile_first_calls()
     report = Report("streamrec bench store: EmbeddingTable, dim 64 float32, batches of 4096, 1 thread")
     first: dict[str, Any] = {}
     for i, n in enumerate(sizes):
-        fig = run_size(n, args.quick, rounds, with_redis=(i == 0), report=report)
+        fig = run_size(n, args.quick or args.smoke, rounds, with_redis=(i == 0), report=report,
+                       min_seconds=min_seconds)
         if i == 0:
             first = fig
     report.add("first calls of the kernels", "", f"{compile_s:.2f} s ({how})")
     report.note(f"{rounds} rounds per figure, medians; ratios are medians of per-round ratios")
-    return finish(report, {**first, "compile_s": compile_s}, args.json)
+    report.note("answers verified: every batch of every path before and after timing, every 8th timed "
+                "call and each round's last, all compared in full with the rows inserted")
+    return finish(report, {**first, "thp_mode": thp_mode(), "compile_s": compile_s}, args.json)
 
 
 if __name__ == "__main__":
