@@ -13,7 +13,16 @@ Figures (JSON keys):
   present keys) after churn and compaction, over the same on the freshly filled
   table (target >= 0.9). Each is the median of several rounds.
 
-Run: ``python benchmarks/store_churn.py [--quick] [--json]`` or ``streamrec bench store_churn``.
+How answers are verified (a wrong row fails the run with ``Wrong``): every
+row inserted is ``key_values(key)`` (``_common``). Before each timed find
+figure, every live key is looked up and its row compared in full, untimed; the
+same after it, together with a lookup of every erased key, which must be
+absent. During timing every 8th call and each round's last are compared in
+full with the clock stopped.
+
+JSON keys: ``KEYS`` below (``wasted_fraction``, ``find_after_over_before``).
+
+Run: ``python benchmarks/store_churn.py [--smoke | --quick] [--json]`` or ``streamrec bench store_churn``.
 """
 
 from __future__ import annotations
@@ -27,16 +36,42 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import Report, bench_args, finish, median, paired_rates, progress
+from _common import (
+    Report,
+    Wrong,
+    bench_args,
+    check_rows,
+    console,
+    finish,
+    key_values,
+    median,
+    paired_rates,
+    progress,
+    size,
+)
 from store import fill, unique_keys
 
 from streamrec import EmbeddingTable
 
 DIM = 64
 BATCH = 4096
+KEYS = ("wasted_fraction", "find_after_over_before")
 
 
-def find_rate(table: EmbeddingTable, keys: np.ndarray, rounds: int) -> float:
+def verify_table(table: EmbeddingTable, live: np.ndarray, gone: np.ndarray, when: str) -> None:
+    """Untimed: every live key's row compared in full, and every erased key absent."""
+    out = np.empty((BATCH, DIM), np.float32)
+    for lo in range(0, live.size, BATCH):
+        part = live[lo:lo + BATCH]
+        table.find(part, out[: part.size])
+        check_rows(f"find {when}", part, out[: part.size])
+    for lo in range(0, gone.size, 65536):
+        if table.contains(gone[lo:lo + 65536]).any():
+            raise Wrong(f"{when}: an erased key is still found")
+    console.print(f"[dim]verified {live.size:,} live and {gone.size:,} erased keys {when}[/dim]")
+
+
+def find_rate(table: EmbeddingTable, keys: np.ndarray, rounds: int, min_seconds: float) -> float:
     rng = np.random.default_rng(11)
     batches = [keys[rng.integers(0, keys.size, BATCH)] for _ in range(64)]
     out = np.empty((BATCH, DIM), np.float32)
@@ -47,21 +82,27 @@ def find_rate(table: EmbeddingTable, keys: np.ndarray, rounds: int) -> float:
         table.find(batches[i[0]], out)
         return BATCH
 
-    return median(paired_rates({"find": one}, rounds)["find"])
+    def verify() -> None:
+        check_rows(f"find, batch {i[0]}", batches[i[0]], out)
+
+    return median(paired_rates({"find": one}, rounds, min_seconds, verify={"find": verify})["find"])
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = bench_args(__doc__.splitlines()[0], argv)
-    rounds = args.rounds or (3 if args.quick else 5)
-    n = 1_000_000 if args.quick else 5_000_000
-    churn_rounds = 3 if args.quick else 5
+    rounds = args.rounds or size(args, 5, 3, 1)
+    n = size(args, 5_000_000, 1_000_000, 50_000)
+    churn_rounds = size(args, 5, 3, 2)
+    min_seconds = size(args, 0.4, 0.4, 0.02)
     rng = np.random.default_rng(5)
     pool = unique_keys(n * (churn_rounds + 2), seed=99)
     live = pool[:n].copy()
     fresh = n
     table = EmbeddingTable(dim=DIM, capacity=n)
     fill(table, live, f"fill {n:,} keys")
-    before = find_rate(table, live, rounds)
+    verify_table(table, live, live[:0], "before churn")
+    before = find_rate(table, live, rounds, min_seconds)
+    erased = []
 
     t0 = time.perf_counter()
     churned = 0
@@ -71,6 +112,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             k = int(0.3 * live.size)
             pick = rng.choice(live.size, k, replace=False)
             gone = live[pick]
+            erased.append(gone)
             for lo in range(0, k, 65536):
                 table.erase(gone[lo:lo + 65536])
             keep = np.ones(live.size, bool)
@@ -80,10 +122,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             if r < churn_rounds:  # the last round only shrinks
                 new = pool[fresh:fresh + k]
                 fresh += k
-                zeros = np.zeros((min(65536, k), DIM), np.float32)
                 for lo in range(0, k, 65536):
                     part = new[lo:lo + 65536]
-                    table.insert_or_assign(part, zeros[: part.size])
+                    table.insert_or_assign(part, key_values(part, DIM))
                 live = np.concatenate([live, new])
             bar.update(task, advance=1)
     churn_s = time.perf_counter() - t0
@@ -93,9 +134,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     moved = table.compact()
     compact_s = time.perf_counter() - t0
     st = table.stats()
-    after = find_rate(table, live, rounds)
-    ok = table.contains(live)
-    assert ok.all(), "compaction lost keys"
+    verify_table(table, live, np.concatenate(erased), "after churn and compaction")
+    after = find_rate(table, live, rounds, min_seconds)
+    verify_table(table, live, live[:0], "after timing")
 
     fig = {"wasted_fraction": st.wasted_fraction, "find_after_over_before": after / before}
     rep = Report(f"streamrec bench store_churn: {n:,} rows, dim 64, {churn_rounds} rounds of "
