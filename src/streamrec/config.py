@@ -188,6 +188,28 @@ class TableConfig:
             this many times (0 = at once); a count-min sketch of
             ``admission_sketch_width`` x 4 bytes counts sightings (Monolith's filter).
         admission_sketch_width: counters per sketch row, a power of two.
+        nonfinite: what a write carrying NaN or infinity does (values, or an
+            optimizer step whose result would not be finite in ``dtype``, so a
+            float64 1e40 into float32 counts): ``"raise"`` (default) refuses
+            the whole batch with ``NonFiniteValues`` and writes nothing, since
+            one NaN poisons a row and its optimizer state for good; ``"skip"``
+            writes the other rows and counts the dropped ones in
+            ``stats().nonfinite_skipped``.
+        min_load_factor: the growth floor (libcuckoo's ``minimum_load_factor``,
+            whose default 0.05 this is). An insert that finds no slot while the
+            load factor is below it is refused with ``IndexGrowthRefused``
+            instead of doubling the index: at that load only crafted keys
+            collide so, and doubling for them is how 25 keys once asked for
+            2**39 buckets. 0 disables the floor; below 1.
+        max_index_bytes: the ceiling on the index's size in bytes (64 per
+            bucket): a growth past it is refused with ``IndexGrowthRefused``.
+            0 (default) = automatic: the buckets ``max_rows`` keys need at load
+            0.5 (32 GiB for the default 2**31 rows), the most a table can use.
+        hash_seed: 0 (default) draws the index's 128-bit hash key from the OS
+            (``secrets``) when the table is created; it is kept in the table's
+            files and snapshots. Any other value (below 2**64) fixes the key, for
+            tests and reproducible runs only: keys crafted against a known key
+            collide (``store._index`` explains).
     """
 
     dim: int
@@ -205,6 +227,10 @@ class TableConfig:
     lfu_decay_min: int = 1
     admit_after: int = 0
     admission_sketch_width: int = 1 << 20
+    nonfinite: Literal["raise", "skip"] = "raise"
+    min_load_factor: float = 0.05
+    max_index_bytes: int = 0
+    hash_seed: int = 0
 
     def __post_init__(self) -> None:
         if not (isinstance(self.dim, int) and not isinstance(self.dim, bool) and self.dim >= 1):
@@ -233,6 +259,15 @@ class TableConfig:
             raise ConfigError(f"must be a power of two, got {w}", field="table.admission_sketch_width")
         if self.eviction not in ("lru", "lfu"):
             raise ConfigError(f"must be 'lru' or 'lfu', got {self.eviction!r}", field="table.eviction")
+        if self.nonfinite not in ("raise", "skip"):
+            raise ConfigError(f"must be 'raise' or 'skip', got {self.nonfinite!r}", field="table.nonfinite")
+        mlf = self.min_load_factor
+        if not (isinstance(mlf, (int, float)) and not isinstance(mlf, bool) and 0 <= mlf < 1):
+            raise ConfigError(f"must be a number in [0, 1), got {mlf!r}", field="table.min_load_factor")
+        for name, hi in (("max_index_bytes", 2**62), ("hash_seed", 2**64)):
+            v = getattr(self, name)
+            if not (isinstance(v, int) and not isinstance(v, bool) and 0 <= v < hi):
+                raise ConfigError(f"must be an int in [0, {hi}), got {v!r}", field=f"table.{name}")
         if not isinstance(self.initializer, Initializer):
             raise ConfigError(
                 f"must be an Initializer, got {type(self.initializer).__name__}", field="table.initializer"

@@ -10,6 +10,11 @@ The tree::
     └── StoreError                  a table or store cannot do what was asked
         ├── TableFull               no row or index room left; carries the counts
         ├── TableBusy               a bucket stayed locked past the reader's patience
+        ├── IndexGrowthRefused      an insert would grow the index below its load
+        │                           floor or past its ceiling (hash flooding);
+        │                           carries table, load factor, buckets
+        ├── NonFiniteValues         a write carried NaN or infinity (or would store
+        │                           one); carries the row count and the first key
     │   └── SnapshotError           a table's files cannot be written or trusted
     │       └── CorruptFile         a file is torn, truncated or fails its checksum;
     │                               names the file and the problem
@@ -37,6 +42,8 @@ __all__ = [
     "CorruptFile",
     "DeadlineExceeded",
     "FrameError",
+    "IndexGrowthRefused",
+    "NonFiniteValues",
     "PeerUnavailable",
     "RemoteError",
     "SnapshotError",
@@ -109,6 +116,70 @@ class TableBusy(StoreError):
             "mid-update"
         )
         self.waited_s = waited_s
+
+
+class IndexGrowthRefused(StoreError):
+    """A batch was refused because placing its keys would grow the index where it must not.
+
+    Either an insert found no slot while the load factor was below the table's
+    floor (``TableConfig.min_load_factor``: only keys crafted to collide do
+    that, and doubling for them is what hash flooding wants), or the growth
+    would pass the ceiling (``max_index_bytes``). The table checks a batch's
+    new keys before it changes anything, so the refusal normally leaves the
+    table as it was (``position`` 0); ``position`` > 0 says the first that many
+    keys of the batch were written (a batch that grew the index twice on its
+    way, or whose evictions or admission filter moved keys, see ``_place_or_refuse``).
+
+    Attributes:
+        table: the table's name (what its owner named it, else its live directory), or ``""``.
+        load_factor: live keys over slots where the insert failed.
+        buckets: the index's buckets (unchanged by the refusal).
+        limit: ``"floor"`` or ``"ceiling"``.
+        position: keys of the batch written before the refusal.
+    """
+
+    def __init__(self, *, table: str, load_factor: float, buckets: int, limit: str, floor: float = 0.0,
+                 max_buckets: int = 0, position: int = 0) -> None:
+        name = f"table {table!r}" if table else "table"
+        if limit == "floor":
+            why = (f"an insert found no slot at load factor {load_factor:.3g}, below the floor "
+                   f"{floor:g} (min_load_factor): only crafted keys collide so (hash flooding)")
+        else:
+            why = (f"the index would grow past its ceiling of {max_buckets} buckets "
+                   f"({max_buckets * 64} bytes, max_index_bytes) at load factor {load_factor:.3g}")
+        done = (f"the first {position} keys of the batch were written" if position
+                else "nothing of the batch was written")
+        super().__init__(f"{name}: batch refused, {why}; the index stays at {buckets} buckets and {done}")
+        self.table = table
+        self.load_factor = load_factor
+        self.buckets = buckets
+        self.limit = limit
+        self.position = position
+
+
+class NonFiniteValues(StoreError):
+    """A write was refused whole: some rows were NaN or infinite, or would be once stored.
+
+    Raised by a table whose ``nonfinite`` policy is ``"raise"`` (the default):
+    values (``assign``, ``insert_or_assign``, imports) that are not finite in the
+    table's dtype (a float64 1e40 becomes inf in float32), or an optimizer step
+    whose result is not (a NaN or inf gradient, or ``lr * g`` past the dtype's
+    range). Nothing of the batch was written.
+
+    Attributes:
+        rows: how many rows of the batch were not finite.
+        first_key: the key of the first of them, in batch order.
+        what: ``"values"`` or ``"gradient steps"``.
+    """
+
+    def __init__(self, *, rows: int, first_key: int, what: str = "values") -> None:
+        super().__init__(
+            f"{rows} row(s) of {what} are not finite in the table's dtype (first key {first_key}); "
+            "nothing was written (nonfinite=\"skip\" drops such rows instead)"
+        )
+        self.rows = rows
+        self.first_key = first_key
+        self.what = what
 
 
 class SnapshotError(StoreError):

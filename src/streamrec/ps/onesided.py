@@ -35,6 +35,8 @@ Why a read is correct without the writer's help:
   So growth needs no remap and no bound check in the kernel. The other
   option, remapping when the counters pass the mapping, would need a bound
   check in the kernel against torn row numbers, and a lock around every call.
+- Hashing: the index is hashed with the table's own key (``store._index``),
+  which TABLE.json records; the reader puts it in the kernel's ``ctx``.
 - TTL: ``ctx[CTX_NOW]`` comes from the reader's clock on the table's epoch, as
   in the writer, so a row past its expiry reads as absent.
 - Eviction policy off: a real read under LRU/LFU marks the row accessed, which
@@ -67,11 +69,20 @@ import numpy as np
 
 from streamrec.errors import SnapshotError
 from streamrec.store._checks import as_keys, as_out
-from streamrec.store._evict import CTX_EXPIRE_W, CTX_NOW, CTX_POLICY, CTX_SIZE, POLICY_NONE
-from streamrec.store._index import IndexGeneration
+from streamrec.store._evict import (
+    CTX_EXPIRE_W,
+    CTX_HASH_K0,
+    CTX_HASH_K1,
+    CTX_NOW,
+    CTX_POLICY,
+    CTX_SIZE,
+    POLICY_NONE,
+)
+from streamrec.store._index import IndexGeneration, as_ctx_words
 from streamrec.store._ops import Status, find_batch, retry_reader
 from streamrec.store._persist import LiveView, index_file_bytes, table_config_from_meta
 from streamrec.store._rows import RowLayout
+from streamrec.store._table_files import hash_key_from_meta
 from streamrec.store.table import _DEFAULT_MAX_ROWS, _MAX_ROWS_LIMIT
 
 __all__ = ["OneSidedReader"]
@@ -205,6 +216,8 @@ class OneSidedReader:
         ctx = np.zeros(CTX_SIZE, dtype=np.int64)
         ctx[CTX_EXPIRE_W] = lay.expire_word
         ctx[CTX_POLICY] = POLICY_NONE  # never POLICY_LRU/LFU: touch() would store into the arena
+        # The writer's index hash key (TABLE.json): without it no key hashes to its bucket.
+        ctx[CTX_HASH_K0], ctx[CTX_HASH_K1] = as_ctx_words(hash_key_from_meta(meta, where))
         self._ctx_template = ctx
         rows = min(cfg.max_rows or _DEFAULT_MAX_ROWS, _MAX_ROWS_LIMIT)
         fd = view.open_arena()

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from streamrec.store._index import hash_key
+from streamrec.store._index import mix64
 from streamrec.store._jit import inline
 from streamrec.store._rows import META, STAMP
 
@@ -22,6 +22,8 @@ __all__ = [
     "CTX_DECAY_MIN",
     "CTX_EVICTED",
     "CTX_EXPIRE_W",
+    "CTX_HASH_K0",
+    "CTX_HASH_K1",
     "CTX_MAX_LIVE",
     "CTX_NOW",
     "CTX_POLICY",
@@ -52,7 +54,9 @@ CTX_EVICTED = 7  # out: keys written to the eviction buffers this call
 CTX_SAMPLE = 8  # rows sampled per eviction
 CTX_REFRESH = 9  # expiry that apply_gradients gives the rows it updates, 0 = keep
 CTX_REFUSED = 10  # out: keys refused a row by the admission filter this call
-CTX_SIZE = 11
+CTX_HASH_K0 = 11  # the table's index hash key, two words (``_index.hash_key``)
+CTX_HASH_K1 = 12
+CTX_SIZE = 13
 
 POLICY_NONE, POLICY_LRU, POLICY_LFU = 0, 1, 2
 
@@ -154,11 +158,13 @@ def admit(sketch: np.ndarray, key: int, threshold: int) -> bool:
 
     A count-min sketch of 4 rows of saturating uint8 counters (Monolith's
     frequency filter): a few bytes per distinct key, never under-counting.
+    Hashed with the unkeyed ``mix64``: crafted collisions here only admit a
+    key sooner (as sending it again would) and cost no memory.
     """
     width_mask = np.uint64(sketch.shape[1] - 1)
     est = 255
     for i in range(4):
-        j = np.int64(hash_key(key ^ _SKETCH_SEEDS[i]) & width_mask)
+        j = np.int64(mix64(key ^ _SKETCH_SEEDS[i]) & width_mask)
         c = sketch[i, j]
         if c < 255:
             c += 1

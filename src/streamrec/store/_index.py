@@ -16,12 +16,39 @@ matching (word 0 = tags 0-7, low half of word 1 = tags 8-11), ``idx32`` (NB, 16)
 uint32 for the version (word 3) and rows (words 4..15), ``idx8`` (NB, 64) uint8
 to write one tag.
 
-Hashing: ``h = splitmix64(key)`` (a bijection, so every uint64 is a key, 0 and
-2**64-1 included). Bucket 1 is ``h & mask``; the tag is the top byte of ``h``
-(0 is remapped to 1, leaving 0 for "empty"); bucket 2 is
+Hashing: ``h = hash_key(key, k0, k1)``, SipHash-1-3 of the key's 8 bytes under
+the table's 128-bit hash key ``(k0, k1)``. Bucket 1 is ``h & mask``; the tag is
+the top byte of ``h`` (0 is remapped to 1, leaving 0 for "empty"); bucket 2 is
 ``b1 ^ (TAG_HASH[tag] & mask)``, an involution that needs only the bucket and
 the tag, so a key moves to its other bucket without reading its row (libcuckoo's
 scheme). ``TAG_HASH`` entries are odd, so the two buckets always differ.
+
+Why keyed, and why SipHash: the index used to hash with splitmix64's finaliser,
+a public bijection. Inverting it gives keys whose hashes share any chosen bits:
+about 25 keys sharing the low bits and the tag fill both of their buckets, and
+the index then doubled until it asked for 2**39 buckets. Every table now draws
+its own 128-bit key from ``secrets`` when it is created (``new_hash_key``) and
+records it in its files and snapshots, so a reopened table and one-sided
+readers hash alike, while keys crafted against one table are ordinary keys to
+every other. SipHash-1-3 is what Rust's ``HashMap`` and CPython's ``str`` hash
+use against hash flooding: a PRF whose key cannot be recovered from its
+outputs, so the key does not leak through which keys collide. A cheaper keyed
+mix (two multiply-xorshift finalisers around key words) was measured beside
+it and rejected: it is not a PRF, and differential attacks on such mixes are
+known. Cost, measured in ``find_batch`` (5 M keys, dim 64, one thread, see
+``_ops``): see the ``hash cost`` note there. The unkeyed ``mix64`` stays for
+what is not the index: the initializer's PRNG (a row's initial values must
+be a function of key and initializer seed alone, equal on every replica and
+after a reopen) and the admission sketch (a crafted collision there only
+admits a key sooner, which sending it again achieves too; it costs no
+memory).
+
+Growth has a floor (``TableConfig.min_load_factor``, libcuckoo's
+``minimum_load_factor``) and a ceiling (``max_index_bytes``): an insert that
+cannot be placed below the floor, or that would take the index past the
+ceiling, is refused instead of doubling the index. ``first_unplaceable``
+finds such an insert before a batch changes anything, so the refusal leaves
+the table as it was.
 
 Thread safety: one writer, many readers. The writer brackets every change of a
 bucket (and of the rows it points to) with two increments of that bucket's
@@ -31,6 +58,8 @@ the table's writer lock for every function documented "writer only".
 """
 
 from __future__ import annotations
+
+import secrets
 
 import numpy as np
 
@@ -45,12 +74,18 @@ __all__ = [
     "VER",
     "IndexGeneration",
     "alt_bucket",
+    "as_ctx_words",
     "find_empty",
+    "first_unplaceable",
     "hash_key",
+    "hash_key_of_seed",
+    "hash_keys",
     "locate",
     "lock",
     "make_room",
     "match",
+    "mix64",
+    "new_hash_key",
     "publish",
     "rebuild_from",
     "scan",
@@ -71,6 +106,11 @@ _GOLDEN = _U64(0x9E3779B97F4A7C15)
 _M1 = _U64(0xBF58476D1CE4E5B9)
 _M2 = _U64(0x94D049BB133111EB)
 _S30, _S27, _S31, _S56, _S7 = _U64(30), _U64(27), _U64(31), _U64(56), _U64(7)
+_SIP0 = _U64(0x736F6D6570736575)  # "somepseudorandomlygeneratedbytes", SipHash's IV
+_SIP1 = _U64(0x646F72616E646F6D)
+_SIP2 = _U64(0x6C7967656E657261)
+_SIP3 = _U64(0x7465646279746573)
+_SIP_LEN8 = _U64(8 << 56)  # the final block of an 8-byte message: its length in the top byte
 _LO = _U64(0x0101010101010101)
 _LOW7 = _U64(0x7F7F7F7F7F7F7F7F)
 _LOW_HALF_HIGHBITS = _U64(0x80808080)
@@ -94,12 +134,91 @@ TAG_HASH = _tag_hashes()
 
 
 @inline
-def hash_key(key: int) -> int:
-    """splitmix64's finaliser: a bijection on uint64 with full avalanche."""
-    z = key + _GOLDEN
+def mix64(x: int) -> int:
+    """splitmix64's finaliser: an unkeyed bijection on uint64 with full avalanche.
+
+    Not for the index (module doc): for the initializer's PRNG and the sketch.
+    """
+    z = x + _GOLDEN
     z = (z ^ (z >> _S30)) * _M1
     z = (z ^ (z >> _S27)) * _M2
     return z ^ (z >> _S31)
+
+
+@inline
+def _rotl(x: int, b: int) -> int:
+    return (x << _U64(b)) | (x >> _U64(64 - b))
+
+
+@inline
+def _sipround(v0: int, v1: int, v2: int, v3: int) -> tuple[int, int, int, int]:
+    v0 += v1
+    v1 = _rotl(v1, 13)
+    v1 ^= v0
+    v0 = _rotl(v0, 32)
+    v2 += v3
+    v3 = _rotl(v3, 16)
+    v3 ^= v2
+    v0 += v3
+    v3 = _rotl(v3, 21)
+    v3 ^= v0
+    v2 += v1
+    v1 = _rotl(v1, 17)
+    v1 ^= v2
+    v2 = _rotl(v2, 32)
+    return v0, v1, v2, v3
+
+
+@inline
+def hash_key(key: int, k0: int, k1: int) -> int:
+    """SipHash-1-3 of the 8 little-endian bytes of ``key`` under the key ``(k0, k1)``.
+
+    One compression round for the key word, one for the length block, three
+    to finalise: five SipRounds, about 60 ALU operations and no memory access.
+    """
+    key, k0, k1 = _U64(key), _U64(k0), _U64(k1)  # no-ops for uint64; int64 ^ uint64 would be float64
+    v0 = k0 ^ _SIP0
+    v1 = k1 ^ _SIP1
+    v2 = k0 ^ _SIP2
+    v3 = k1 ^ _SIP3 ^ key
+    v0, v1, v2, v3 = _sipround(v0, v1, v2, v3)
+    v0 ^= key
+    v3 ^= _SIP_LEN8
+    v0, v1, v2, v3 = _sipround(v0, v1, v2, v3)
+    v0 ^= _SIP_LEN8
+    v2 ^= _U64(0xFF)
+    v0, v1, v2, v3 = _sipround(v0, v1, v2, v3)
+    v0, v1, v2, v3 = _sipround(v0, v1, v2, v3)
+    v0, v1, v2, v3 = _sipround(v0, v1, v2, v3)
+    return v0 ^ v1 ^ v2 ^ v3
+
+
+def new_hash_key() -> tuple[int, int]:
+    """A fresh 128-bit index hash key ``(k0, k1)`` from the OS's CSPRNG."""
+    return secrets.randbits(64), secrets.randbits(64)
+
+
+def hash_key_of_seed(seed: int) -> tuple[int, int]:
+    """The hash key an explicit ``TableConfig.hash_seed`` stands for (tests, reproducible runs)."""
+    a = int(mix64(_U64(seed)))
+    return a, int(mix64(_U64(a ^ seed)))
+
+
+def as_ctx_words(k: tuple[int, int]) -> tuple[int, int]:
+    """The hash key as two int64 words, as ``ctx`` and the sequence store carry it."""
+    a, b = (int(np.array(x, dtype=np.uint64).view(np.int64)) for x in k)
+    return a, b
+
+
+@kernel
+def hash_keys(keys: np.ndarray, k0: int, k1: int, out: np.ndarray) -> None:
+    """out[i] = hash_key(keys[i], k0, k1), for tests and tools (crafting collisions).
+
+    Requires: keys uint64 (B,), out uint64 (B,).
+    """
+    a, b = _U64(k0), _U64(k1)
+    for i in range(keys.shape[0]):
+        out[i] = hash_key(keys[i], a, b)
 
 
 @inline
@@ -312,7 +431,7 @@ _REBUILD_GROUP = 16
 @kernel
 def rebuild_from(
     idx64: np.ndarray, idx32: np.ndarray, idx8: np.ndarray, keys: np.ndarray, live: np.ndarray,
-    nodes: np.ndarray,
+    nodes: np.ndarray, k0: int, k1: int,
 ) -> bool:
     """Writer only. Fill an empty index with row r -> ``keys[r]`` for every ``live[r]``.
 
@@ -321,7 +440,7 @@ def rebuild_from(
     store rebuild their index this way when it doubles.
 
     Requires: keys uint64 (R,) (any stride: a column of a row arena), live bool (R,),
-    nodes int64 (MAX_BFS_NODES, 3).
+    nodes int64 (MAX_BFS_NODES, 3); (k0, k1) the table's hash key.
     Returns False if this size cannot hold them (the caller doubles and retries).
     """
     mask = np.uint64(idx64.shape[0] - 1)
@@ -334,7 +453,7 @@ def rebuild_from(
         for r in range(base, min(base + _REBUILD_GROUP, n)):
             if not live[r]:
                 continue
-            h = hash_key(keys[r])
+            h = hash_key(keys[r], k0, k1)
             b1 = np.int64(h & mask)
             rows[g] = r
             b1s[g] = b1
@@ -347,6 +466,154 @@ def rebuild_from(
                 return False
             publish(idx32, idx8, b, s, tags[j], rows[j])
     return True
+
+
+# -- placement without changing anything -------------------------------------------------
+#
+# ``first_unplaceable`` runs ``make_room``'s search and moves on a copy-on-write
+# overlay of the buckets it changes (tags only: a search never reads rows), so
+# a writer can learn, before a batch touches the table, which of the batch's new
+# keys the index could not place at its present size.
+
+
+@inline
+def _ov_find(ov_b: np.ndarray, b: int) -> int:
+    """Overlay position of bucket b, or -1 (open addressing, linear probing)."""
+    m = ov_b.shape[0] - 1
+    p = np.int64(mix64(_U64(b))) & m
+    while ov_b[p] != -1:
+        if ov_b[p] == b:
+            return p
+        p = (p + 1) & m
+    return np.int64(-1)
+
+
+@inline
+def _ov_take(ov_b: np.ndarray, ov_t: np.ndarray, idx8: np.ndarray, b: int) -> int:
+    """Overlay position of bucket b, copying its tags in on first use."""
+    m = ov_b.shape[0] - 1
+    p = np.int64(mix64(_U64(b))) & m
+    while ov_b[p] != -1:
+        if ov_b[p] == b:
+            return p
+        p = (p + 1) & m
+    ov_b[p] = b
+    for s in range(SLOTS):
+        ov_t[p, s] = idx8[b, s]
+    return p
+
+
+@inline
+def _ov_tag(ov_b: np.ndarray, ov_t: np.ndarray, idx8: np.ndarray, b: int, s: int) -> int:
+    p = _ov_find(ov_b, b)
+    return np.int64(ov_t[p, s]) if p >= 0 else np.int64(idx8[b, s])
+
+
+@inline
+def _ov_empty(ov_b: np.ndarray, ov_t: np.ndarray, idx64: np.ndarray, b: int) -> int:
+    """As ``find_empty``, through the overlay."""
+    p = _ov_find(ov_b, b)
+    if p < 0:
+        return find_empty(idx64, b)
+    for s in range(SLOTS):
+        if ov_t[p, s] == 0:
+            return np.int64(s)
+    return np.int64(-1)
+
+
+@inline
+def _ov_make_room(idx64: np.ndarray, idx8: np.ndarray, ov_b: np.ndarray, ov_t: np.ndarray,
+                  b1: int, b2: int, mask: int, nodes: np.ndarray) -> tuple[int, int]:
+    """``make_room`` on the overlay: the same search in the same order, the same moves."""
+    s = _ov_empty(ov_b, ov_t, idx64, b1)
+    if s >= 0:
+        return b1, s
+    s = _ov_empty(ov_b, ov_t, idx64, b2)
+    if s >= 0:
+        return b2, s
+    nodes[0, 0] = b1
+    nodes[0, 1] = -1
+    nodes[0, 2] = -1
+    nodes[1, 0] = b2
+    nodes[1, 1] = -1
+    nodes[1, 2] = -1
+    head = 0
+    tail = 2
+    depth_end = 2
+    depth = 0
+    found = np.int64(-1)
+    empty_slot = np.int64(-1)
+    while head < tail:
+        if head == depth_end:
+            depth += 1
+            depth_end = tail
+        x = nodes[head, 0]
+        e = _ov_empty(ov_b, ov_t, idx64, x) if head >= 2 else np.int64(-1)
+        if e >= 0:
+            found = head
+            empty_slot = e
+            break
+        if depth < _MAX_BFS_DEPTH:
+            for sl in range(SLOTS):
+                if tail >= MAX_BFS_NODES:
+                    break
+                y = alt_bucket(x, _U64(_ov_tag(ov_b, ov_t, idx8, x, sl)), mask)
+                if _on_path(nodes, head, y):
+                    continue
+                nodes[tail, 0] = y
+                nodes[tail, 1] = head
+                nodes[tail, 2] = sl
+                tail += 1
+        head += 1
+    if found < 0:
+        return np.int64(-1), np.int64(-1)
+    n = found
+    free_b = nodes[n, 0]
+    free_s = empty_slot
+    while nodes[n, 1] >= 0:
+        p = nodes[n, 1]
+        pb = nodes[p, 0]
+        ps = nodes[n, 2]
+        qf = _ov_take(ov_b, ov_t, idx8, free_b)
+        qp = _ov_take(ov_b, ov_t, idx8, pb)
+        ov_t[qf, free_s] = ov_t[qp, ps]
+        ov_t[qp, ps] = 0
+        free_b = pb
+        free_s = ps
+        n = p
+    return free_b, free_s
+
+
+@kernel
+def first_unplaceable(idx64: np.ndarray, idx8: np.ndarray, keys: np.ndarray, k0: int, k1: int,
+                      nodes: np.ndarray) -> int:
+    """Writer only; changes nothing. Where inserting ``keys`` in order would first fail.
+
+    Places each key as ``write_batch`` would (``make_room``, then a tag in the
+    slot it frees), on an overlay of the buckets that would change, and stops at
+    the first key for which no slot can be made.
+
+    Requires: keys uint64 (K,), distinct and absent from the index, in the
+    order the batch would insert them; nodes int64 (MAX_BFS_NODES, 3).
+    Returns the position of that key, or -1 if every key fits.
+    """
+    n = keys.shape[0]
+    mask = np.uint64(idx64.shape[0] - 1)
+    size = 16
+    while size < 8 * n + 16:  # a placement changes at most _MAX_BFS_DEPTH + 1 buckets
+        size *= 2
+    ov_b = np.full(size, -1, np.int64)
+    ov_t = np.zeros((size, SLOTS), np.uint8)
+    for i in range(n):
+        h = hash_key(keys[i], k0, k1)
+        t = tag_of(h)
+        b1 = np.int64(h & mask)
+        b, s = _ov_make_room(idx64, idx8, ov_b, ov_t, b1, alt_bucket(b1, t, mask), mask, nodes)
+        if b < 0:
+            return i
+        ov_t[_ov_take(ov_b, ov_t, idx8, b), s] = np.uint8(t)
+    return -1
+
 
 class IndexGeneration:
     """One index generation: its memory, the three views, and its retired flag.

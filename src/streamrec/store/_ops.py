@@ -27,7 +27,16 @@ from enum import IntEnum
 import numpy as np
 
 from streamrec.errors import TableBusy
-from streamrec.store._evict import CTX_DECAY_MIN, CTX_EXPIRE_W, CTX_NOW, CTX_POLICY, expired, touch
+from streamrec.store._evict import (
+    CTX_DECAY_MIN,
+    CTX_EXPIRE_W,
+    CTX_HASH_K0,
+    CTX_HASH_K1,
+    CTX_NOW,
+    CTX_POLICY,
+    expired,
+    touch,
+)
 from streamrec.store._index import (
     ROW0,
     VER,
@@ -199,6 +208,8 @@ def find_batch(
     policy = ctx[CTX_POLICY] if copy else 0
     dim = out.shape[1]
     mask = np.uint64(idx64.shape[0] - 1)
+    k0 = np.uint64(ctx[CTX_HASH_K0])
+    k1 = np.uint64(ctx[CTX_HASH_K1])
     row_lines = ((voff + dim) * arenav.itemsize + _LINE_BYTES - 1) // _LINE_BYTES
     line_elems = _LINE_BYTES // arenav.itemsize
     b1s = np.empty(CHUNK, np.int64)
@@ -212,7 +223,7 @@ def find_batch(
     for lo in range(0, n, CHUNK):
         c = min(CHUNK, n - lo)
         for j in range(c):
-            h = hash_key(keys[lo + j])
+            h = hash_key(keys[lo + j], k0, k1)
             t = tag_of(h)
             b1 = np.int64(h & mask)
             b1s[j] = b1

@@ -8,7 +8,8 @@ save and how to rebuild from it.
 
 A live directory::
 
-    TABLE.json       config, row layout, epoch, format version (written once)
+    TABLE.json       config, row layout, epoch, the index hash key (32 hex
+                     digits, see ``_index``), format version (written once)
     state.bin        one page, mapped: magic, version, dirty flag, index
                      generation, bucket count, index crc32, the counters
     arena.bin        the row arena (grows with the high-water mark, never shrinks)
@@ -76,7 +77,8 @@ __all__ = [
     "table_config_from_meta",
 ]
 
-FORMAT_VERSION = 2  # 2: index-N.bin ends in a trailer page holding its retired flag
+FORMAT_VERSION = 3  # 2: index-N.bin ends in a trailer page holding its retired flag; 3: TABLE.json
+# holds the index hash key. Older directories are refused (their index used the unkeyed hash).
 _MAGIC = 0x5352_4543_5441_424C  # "SRECTABL"
 _PAGE = 4096
 # state.bin, int64 words
@@ -119,7 +121,10 @@ def _read_meta(p: Path) -> dict[str, Any]:
         raise SnapshotError(f"TABLE.json unreadable: {exc}", path=str(p)) from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT_VERSION:
         fmt = meta.get("format") if isinstance(meta, dict) else None
-        raise SnapshotError(f"TABLE.json: unknown format {fmt!r}", path=str(p))
+        why = " (it predates the keyed index hash: load its last snapshot with that build and export)" \
+            if fmt in (1, 2) else ""
+        raise SnapshotError(f"TABLE.json: unknown format {fmt!r}, this build reads {FORMAT_VERSION}{why}",
+                            path=str(p))
     return meta
 
 

@@ -1,8 +1,10 @@
 """The row arena's row format, and the kernels that fill and update a row.
 
 Owns: ``RowLayout`` (where the key, metadata, embedding and optimizer state sit
-in a row), the deterministic per-key initializers, and the sparse optimizer
-updates. It must not touch the index.
+in a row), the deterministic per-key initializers, the sparse optimizer step,
+and the tests that keep NaN and infinity out of rows (``nonfinite_rows`` for a
+batch of values, ``step_row``'s result check for a gradient step). It must not
+touch the index.
 
 Row format ("key in value": the row holds its key, so the index holds only a tag
 and a row number)::
@@ -23,8 +25,9 @@ and a row number)::
 The header is 16 bytes (24 with a TTL), so at D=64 float32 a row is 272 bytes
 for 264 bytes of key and value (3 % overhead).
 
-Thread safety: kernels here write rows; the caller holds the writer lock and,
-for a row readers can reach, the seqlock of the bucket that points to it.
+Thread safety: ``init_values``/``init_state`` write rows, so the caller holds the
+writer lock and, for a row readers can reach, the seqlock of the bucket that
+points to it; ``step_row`` only reads a row and ``nonfinite_rows`` only a batch.
 """
 
 from __future__ import annotations
@@ -35,8 +38,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from streamrec.config import Adagrad, Adam, Initializer, Optimizer
-from streamrec.store._index import hash_key
-from streamrec.store._jit import inline
+from streamrec.store._index import mix64
+from streamrec.store._jit import inline, kernel
 
 __all__ = [
     "EXPIRE",
@@ -48,11 +51,15 @@ __all__ = [
     "STAMP",
     "TTL_HEADER_BYTES",
     "RowLayout",
-    "apply_update",
+    "exponent_mask",
+    "finite_limit",
     "init_params",
     "init_state",
     "init_values",
+    "nonfinite_rows",
     "optimizer_params",
+    "state_elems",
+    "step_row",
 ]
 
 HEADER_BYTES = 16
@@ -140,7 +147,7 @@ _INV_2_53 = 1.0 / 9007199254740992.0
 def _next(state: int) -> tuple[int, float]:
     """splitmix64 step: (new state, uniform double in [0, 1))."""
     state = state + _GOLDEN
-    return state, float(hash_key(state) >> _S11) * _INV_2_53
+    return state, float(mix64(state) >> _S11) * _INV_2_53
 
 
 @inline
@@ -156,7 +163,7 @@ def init_values(
     dst: np.ndarray, dim: int, key: int, kind: int, a: float, b: float, seed: int,
 ) -> None:
     """Fill dst[:dim] from the initializer, a pure function of (key, seed)."""
-    state = hash_key(key ^ (seed * _SEED_MIX))
+    state = mix64(key ^ (seed * _SEED_MIX))
     for d in range(dim):
         if kind == 0:
             x = 0.0
@@ -191,37 +198,106 @@ def init_state(
 
 
 @inline
-def apply_update(
-    arenav: np.ndarray, r: int, voff: int, dim: int,
-    g: np.ndarray, lr: float, opt: int, hp: np.ndarray,
-) -> None:
-    """One optimizer step on row r with gradient ``g`` (float64, length D).
+def state_elems(opt: int, dim: int) -> int:
+    """Optimizer-state elements per row for optimizer code ``opt``."""
+    if opt == OPT_ADAGRAD:
+        return dim
+    if opt == OPT_ADAM:
+        return 2 * dim + 1
+    return 0
+
+
+def finite_limit(dtype: np.dtype) -> float:
+    """The float64 magnitude from which a value stops being finite once stored as ``dtype``.
+
+    For float32 it is FLT_MAX plus half an ulp (2**103): a float64 below it rounds
+    to a finite float32, one at or above it rounds to inf (FLT_MAX's mantissa is
+    odd, so the tie goes up).
+    """
+    if dtype == np.float32:
+        return float(np.finfo(np.float32).max) + 2.0**103
+    return math.inf
+
+
+_EXP32 = np.uint32(0x7F800000)
+_EXP64 = np.uint64(0x7FF0000000000000)
+
+
+def exponent_mask(dtype: np.dtype) -> tuple[np.dtype, np.unsignedinteger]:
+    """``(unsigned dtype of the same width, its exponent-field mask)`` for ``nonfinite_rows``."""
+    if dtype == np.float32:
+        return np.dtype(np.uint32), _EXP32
+    return np.dtype(np.uint64), _EXP64
+
+
+@kernel
+def nonfinite_rows(bits: np.ndarray, exp: np.unsignedinteger, bad: np.ndarray) -> int:
+    """Count the rows of a value batch holding a NaN or an infinity; bad[i] says which.
+
+    An IEEE float is NaN or infinite exactly when every bit of its exponent field
+    is set, so a row is bad when the largest of its exponent fields equals the
+    mask: an unsigned max per row, which vectorises (a float ``isfinite`` per
+    element does not, for its branch). Measured in ``table.py``'s write docstring.
+
+    Requires: bits (B, W), the values viewed as unsigned integers of their width
+    (``exponent_mask``); exp that width's exponent mask; bad bool (B,).
+    """
+    n = bits.shape[0]
+    w = bits.shape[1]
+    count = 0
+    for i in range(n):
+        row = bits[i]
+        top = exp ^ exp
+        for d in range(w):
+            top = max(top, row[d] & exp)
+        b = top == exp
+        bad[i] = b
+        count += b
+    return count
+
+
+@inline
+def step_row(
+    src: np.ndarray, dst: np.ndarray, dim: int,
+    g: np.ndarray, lr: float, opt: int, hp: np.ndarray, lim: float,
+) -> bool:
+    """One optimizer step with gradient ``g`` (float64, length D) on a row's
+    embedding and state ``src``; the new embedding and state go to ``dst``.
 
     The formulas are PyTorch's dense ones, in float64, rounded once on store.
+    Returns whether every new element is finite once stored (magnitude below
+    ``lim``, from ``finite_limit``): the check rides on values already in
+    registers, so the caller can refuse a step before it touches the row.
     """
-    w = arenav[r, voff:]
-    st = arenav[r, voff + dim:]
+    ok = True
     if opt == OPT_SGD:
         for d in range(dim):
-            w[d] = w[d] - lr * g[d]
+            x = src[d] - lr * g[d]
+            dst[d] = x
+            ok = ok & (abs(x) < lim)
     elif opt == OPT_ADAGRAD:
         eps = hp[0]
         for d in range(dim):
-            acc = st[d] + g[d] * g[d]
-            st[d] = acc
-            w[d] = w[d] - lr * g[d] / (math.sqrt(acc) + eps)
+            acc = src[dim + d] + g[d] * g[d]
+            x = src[d] - lr * g[d] / (math.sqrt(acc) + eps)
+            dst[dim + d] = acc
+            dst[d] = x
+            ok = ok & (abs(x) < lim) & (acc < lim)
     else:
         eps, beta1, beta2 = hp[0], hp[1], hp[2]
         # t is stored exactly (float32 holds integers to 2**24) and stops there;
         # by then both corrections are 1 in double precision for any beta up to
         # 1 - 2.2e-6 (beta**(2**24) underflows), far past the usual 0.999.
-        t = min(st[2 * dim] + 1.0, _ADAM_T_MAX)
-        st[2 * dim] = t
+        t = min(src[3 * dim] + 1.0, _ADAM_T_MAX)
+        dst[3 * dim] = t
         step = lr / (1.0 - beta1**t)
         sqrt_bc2 = math.sqrt(1.0 - beta2**t)
         for d in range(dim):
-            m = beta1 * st[d] + (1.0 - beta1) * g[d]
-            v = beta2 * st[dim + d] + (1.0 - beta2) * g[d] * g[d]
-            st[d] = m
-            st[dim + d] = v
-            w[d] = w[d] - step * m / (math.sqrt(v) / sqrt_bc2 + eps)
+            m = beta1 * src[dim + d] + (1.0 - beta1) * g[d]
+            v = beta2 * src[2 * dim + d] + (1.0 - beta2) * g[d] * g[d]
+            x = src[d] - step * m / (math.sqrt(v) / sqrt_bc2 + eps)
+            dst[dim + d] = m
+            dst[2 * dim + d] = v
+            dst[d] = x
+            ok = ok & (abs(x) < lim) & (abs(m) < lim) & (v < lim)
+    return ok

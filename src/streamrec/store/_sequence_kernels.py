@@ -266,11 +266,12 @@ def _put(ev: tuple, p: int, batch: tuple, i: int) -> None:
 
 
 @inline
-def _where(idx64: np.ndarray, idx32: np.ndarray, users64: np.ndarray, r: int) -> tuple[int, int]:
+def _where(idx64: np.ndarray, idx32: np.ndarray, users64: np.ndarray, r: int, hk: np.ndarray
+           ) -> tuple[int, int]:
     """Writer only. ``(bucket, slot)`` of the index entry of live user row r."""
     mask = np.uint64(idx64.shape[0] - 1)
     key = users64[r, 0]
-    h = hash_key(key)
+    h = hash_key(key, hk[0], hk[1])
     t = tag_of(h)
     b1 = np.int64(h & mask)
     b, s, _ = locate(idx64, idx32, users64, key, b1, alt_bucket(b1, t, mask), t)
@@ -371,7 +372,7 @@ def append_batch(
     prefetch both buckets; find the first tag match and prefetch its record;
     prefetch where its event will go; place every event in order.
 
-    Requires: index = (idx64, idx32, idx8); users = (users64, users32, usersf);
+    Requires: index = (idx64, idx32, idx8, hash key uint64 (2,)); users = (users64, users32, usersf);
     ev the arena (module doc); e_users uint64 (B,); batch = (items uint64 (B,),
     actions (B,) of the arena's dtype, timestamps int64 (B,), extras float32
     (E, B)); nodes int64 (MAX_BFS_NODES, 3).
@@ -380,6 +381,7 @@ def append_batch(
     USERS_FULL with the first event not appended (nothing of it was written).
     """
     idx64, idx32, idx8 = _borrow(index[0]), _borrow(index[1]), _borrow(index[2])
+    hk = index[3]
     users64, users32, usersf = _borrow(users[0]), _borrow(users[1]), _borrow(users[2])
     free_rows, cnt, cls, owner = _borrow(free_rows), _borrow(cnt), _borrow(cls), _borrow(owner)
     ev = _borrow4(ev)
@@ -396,7 +398,7 @@ def append_batch(
     for base in range(start, n, GROUP):
         g = min(GROUP, n - base)
         for j in range(g):  # (A) hash, prefetch both buckets
-            h = hash_key(e_users[base + j])
+            h = hash_key(e_users[base + j], hk[0], hk[1])
             t = tag_of(h)
             b1 = np.int64(h & mask)
             b1s[j] = b1
@@ -497,13 +499,14 @@ def erase_batch(index: tuple, users: tuple, free_rows: np.ndarray, cnt: np.ndarr
     Returns the users removed.
     """
     idx64, idx32, idx8 = _borrow(index[0]), _borrow(index[1]), _borrow(index[2])
+    hk = index[3]
     users64, users32, usersf = _borrow(users[0]), _borrow(users[1]), _borrow(users[2])
     ev = _borrow4(ev)
     mask = np.uint64(idx64.shape[0] - 1)
     removed = 0
     for i in range(keys.shape[0]):
         key = keys[i]
-        h = hash_key(key)
+        h = hash_key(key, hk[0], hk[1])
         t = tag_of(h)
         b1 = np.int64(h & mask)
         b, s, r = locate(idx64, idx32, users64, key, b1, alt_bucket(b1, t, mask), t)
@@ -524,6 +527,7 @@ def sweep(index: tuple, users: tuple, free_rows: np.ndarray, cnt: np.ndarray, cl
     Returns the users dropped. ``rows`` >= the high-water mark visits every row.
     """
     idx64, idx32, idx8 = _borrow(index[0]), _borrow(index[1]), _borrow(index[2])
+    hk = index[3]
     users64, users32, usersf = _borrow(users[0]), _borrow(users[1]), _borrow(users[2])
     ev = _borrow4(ev)
     high = cnt[CNT_HIGH]
@@ -538,7 +542,7 @@ def sweep(index: tuple, users: tuple, free_rows: np.ndarray, cnt: np.ndarray, cl
         hand += 1
         if users32[r, U_LC] < 0 or not _expired(usersf, r, now, ttl):
             continue
-        b, s = _where(idx64, idx32, users64, r)
+        b, s = _where(idx64, idx32, users64, r, hk)
         _drop(idx32, idx8, users32, cls, owner, free_rows, cnt, ev, r, b, s)
         dropped += 1
     cnt[CNT_HAND] = hand
@@ -600,9 +604,10 @@ def _pin(idx64: np.ndarray, idx32: np.ndarray, retired: np.ndarray, users64: np.
 
 
 @inline
-def _hash_all(keys: np.ndarray, mask: int, b1s: np.ndarray, b2s: np.ndarray, tags: np.ndarray) -> None:
+def _hash_all(keys: np.ndarray, mask: int, b1s: np.ndarray, b2s: np.ndarray, tags: np.ndarray,
+              hk: np.ndarray) -> None:
     for i in range(keys.shape[0]):
-        h = hash_key(keys[i])
+        h = hash_key(keys[i], hk[0], hk[1])
         t = tag_of(h)
         b1 = np.int64(h & mask)
         b1s[i] = b1
@@ -632,7 +637,7 @@ def _user_read(index: tuple, users: tuple, cls: np.ndarray, ev: tuple, keys: np.
     b1s = np.empty(n, np.int64)
     b2s = np.empty(n, np.int64)
     tags = np.empty(n, np.uint64)
-    _hash_all(keys, mask, b1s, b2s, tags)
+    _hash_all(keys, mask, b1s, b2s, tags, index[3])
     for i in range(min(AHEAD, n)):
         prefetch(idx64, b1s[i])
     for i in range(n):
@@ -691,7 +696,7 @@ def lengths_batch(index: tuple, users: tuple, cls: np.ndarray, ev: tuple, keys: 
                   now: float, ttl: float, out: np.ndarray, empty: tuple) -> int:
     """Events held by each user (0: unknown or expired). Any thread.
 
-    Requires: index = (idx64, idx32, retired); users = (users64, users32,
+    Requires: index = (idx64, idx32, retired, hash key uint64 (2,)); users = (users64, users32,
     usersf); keys uint64 (B,); out int64 (B,); ``empty`` a zero-length output
     tuple like ``read_ragged``'s. Returns OK, STALE or BUSY.
     """

@@ -12,7 +12,10 @@ Storage design (memory follows the events held, not users x max_len):
   version, slot, ring head, size class and length) in a user arena; the cuckoo
   index maps a user id to its row exactly as the embedding table maps keys
   ("key in row": 12-slot buckets of a tag and a uint32 row number), and grows
-  by doubling, rebuilt from the user rows. Freed rows go on a free list.
+  by doubling, rebuilt from the user rows. Freed rows go on a free list. User
+  ids are hashed with the store's own SipHash key, drawn at creation and kept
+  in snapshots (``_index`` says why: crafted ids cannot flood it). The
+  growth floor of tables (``TableConfig.min_load_factor``) is not applied here.
 - **Size classes.** A user's events are one ring buffer, contiguous per field
   (SoA: item uint64, action uint8/uint16, timestamp int64, one float32 array per
   extra field). Ring capacities come in classes 4, 8, 16, ... doubling up to
@@ -88,6 +91,7 @@ from streamrec.store._index import (
     SLOTS,
     VER,
     IndexGeneration,
+    new_hash_key,
     rebuild_from,
 )
 from streamrec.store._memory import Region
@@ -132,16 +136,17 @@ _RESERVE_LOAD = 0.9  # capacity_users sizes the index for this load
 _LOCK_FREE_TRIES = 3  # ragged reads re-sized this often before taking the writer lock
 _SWEEP_ROWS_PER_EVENT = 2  # expiry sweep: rows visited per appended event...
 _SWEEP_MIN_ROWS = 1024  # ...and at least this many per append call
-_SNAPSHOT_FORMAT = "streamrec.SequenceStore/1"  # meta["format"] of snapshots this build reads
+_SNAPSHOT_FORMAT = "streamrec.SequenceStore/2"  # meta["format"] this build reads; 2: keyed index hash
 
 
 class _Index(IndexGeneration):
     """One generation of the user index, with its views grouped as the kernels take them."""
 
-    def __init__(self, buckets: int, huge_pages: bool) -> None:
+    def __init__(self, buckets: int, huge_pages: bool, hash_key: np.ndarray) -> None:
         super().__init__(buckets, huge_pages)
-        self.writer = (self.idx64, self.idx32, self.idx8)  # as the writer kernels take it
-        self.readers = (self.idx64, self.idx32, self.retired)  # as the reader kernels take it
+        # as the writer and the reader kernels take it; hash_key: uint64 (2,), the store's (``_index``)
+        self.writer = (self.idx64, self.idx32, self.idx8, hash_key)
+        self.readers = (self.idx64, self.idx32, self.retired, hash_key)
 
 
 class SequenceStore:
@@ -260,7 +265,8 @@ class SequenceStore:
         self._free_region = Region(self._max_users * 4, huge_pages=False)
         self._free = self._free_region.array(np.uint32, (self._max_users,))
         self._cnt = np.zeros(8, dtype=np.int64)
-        self._index = _Index(_buckets_for(capacity_users), self._huge)
+        self._hash_key = np.array(new_hash_key(), dtype=np.uint64)  # recorded in snapshots
+        self._index = _Index(_buckets_for(capacity_users), self._huge, self._hash_key)
         self._nodes = np.empty((MAX_BFS_NODES, 3), dtype=np.int64)
         self._lock = threading.Lock()
         self._event_bytes = 8 + self._adt.itemsize + 8 + 4 * n_ext
@@ -520,10 +526,10 @@ class SequenceStore:
     def _rebuild(self, buckets: int) -> None:
         """Writer only. Build a larger index from the user rows, then swap it in."""
         while True:
-            new = _Index(buckets, self._huge)
+            new = _Index(buckets, self._huge, self._hash_key)
             high = int(self._cnt[CNT_HIGH])
             if rebuild_from(new.idx64, new.idx32, new.idx8, self._users64[:high, 0],
-                            self._users32[:high, U_LC] >= 0, self._nodes):
+                            self._users32[:high, U_LC] >= 0, self._nodes, *self._hash_key):
                 break
             buckets *= 2
         old, self._index = self._index, new
@@ -574,6 +580,7 @@ class SequenceStore:
                 "format": _SNAPSHOT_FORMAT, "max_len": self._max_len, "extra_fields": list(self._extra),
                 "action_dtype": self._adt.name, "ttl_s": self.ttl_s, "max_users": self._max_users,
                 "buckets": ix.buckets,
+                "hash_key": f"{int(self._hash_key[0]):016x}{int(self._hash_key[1]):016x}",
             }
             # The views above are taken under the lock; the forked child writes
             # the memory they show as it was at the fork.
@@ -617,7 +624,14 @@ class SequenceStore:
             raise CorruptFile(path=where, problem=f"bad store parameters: {exc!r}") from exc
         if meta["buckets"] & (meta["buckets"] - 1):
             raise CorruptFile(path=where, problem=f"bucket count {meta['buckets']} is not a power of two")
-        store._index = _Index(meta["buckets"], huge_pages)
+        text = meta.get("hash_key")
+        try:
+            if not (isinstance(text, str) and len(text) == 32):
+                raise ValueError(text)
+            store._hash_key = np.array([int(text[:16], 16), int(text[16:], 16)], dtype=np.uint64)
+        except ValueError:
+            raise CorruptFile(path=where, problem=f"index hash key missing or malformed: {text!r}") from None
+        store._index = _Index(meta["buckets"], huge_pages, store._hash_key)
 
         def allocate(name: str, dtype: np.dtype, shape: tuple[int, ...]) -> np.ndarray:
             view = store._destination(name, shape)

@@ -121,6 +121,7 @@ class Status(IntEnum):
     UNAVAILABLE = 10  # the shard is loading or syncing
     STORE_ERROR = 11  # the table refused (full, busy)
     INTERNAL = 12
+    NON_FINITE = 13  # values or gradient steps not finite in the table's dtype: nothing written
 
     @property
     def retriable(self) -> bool:
