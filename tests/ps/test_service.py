@@ -238,8 +238,8 @@ def test_unknown_node() -> None:
     (Kind.APPLY_GRADIENTS, [keys(1), rows(1), np.ones(1, np.float32)], "buffer 2 (lr): expected float64"),
     (Kind.APPLY_GRADIENTS, [keys(1), rows(1), np.array([0.5, 0.5])], "buffer 2 (lr): expected float64 (1,)"),
     (Kind.APPLY_GRADIENTS, [keys(1), rows(1), np.array([[0.5]])], "buffer 2 (lr): expected float64 (1,)"),
-    (Kind.APPLY_GRADIENTS, [keys(1), rows(1), lr(-1.0)], "lr: expected a finite number >= 0"),
-    (Kind.APPLY_GRADIENTS, [keys(1), rows(1), lr(np.nan)], "lr: expected a finite number >= 0"),
+    (Kind.APPLY_GRADIENTS, [keys(1), rows(1), lr(-1.0)], "lr: expected a finite number > 0"),
+    (Kind.APPLY_GRADIENTS, [keys(1), rows(1), lr(np.nan)], "lr: expected a finite number > 0"),
 ])
 def test_bad_requests(svc: Service, kind: Kind, bufs: list[np.ndarray], match: str) -> None:
     refused(svc, Status.BAD_REQUEST, match, kind, *bufs)

@@ -227,7 +227,7 @@ def test_found_mask_is_filled_in_place_and_bad_ones_are_refused() -> None:
             table.find([2, 9], found=bad)
 
 
-@pytest.mark.parametrize("lr", [-0.1, float("nan"), float("inf"), "0.1", None, np.array([0.1])])
+@pytest.mark.parametrize("lr", [-0.1, 0.0, float("nan"), float("inf"), "0.1", None, np.array([0.1])])
 def test_bad_learning_rates_are_refused(lr: object) -> None:
     table = small()
     table.insert_or_assign([1], np.ones((1, DIM)))
