@@ -15,7 +15,7 @@ from numpy.testing import assert_array_equal
 from streamrec import EmbeddingTable
 from streamrec.cluster.spec import ClusterSpec, TableSpec, embedded_spec
 from streamrec.errors import ConfigError
-from streamrec.ps.service import MAX_KEYS, Service
+from streamrec.ps.service import FILLING, MAX_KEYS, Service
 from streamrec.transport.frames import Flag, Frame, Kind, Status
 
 SPEC = embedded_spec()  # one node "local", table "emb" of dim 64 (float32, adagrad), 2 shards
@@ -266,7 +266,13 @@ def test_not_ready_is_unavailable() -> None:
     svc = Service(SPEC, "local", ready=False)
     try:
         refused(svc, Status.UNAVAILABLE, "shard 0 is filling from a peer", Kind.FIND, keys(1))
-        refused(svc, Status.UNAVAILABLE, "is filling", Kind.ASSIGN, keys(1), rows(1), shard=1)
+        refused(svc, Status.UNAVAILABLE, "is filling", Kind.EXPORT, np.array([0], np.int64),
+                np.array([8], np.int64), shard=1)
+        # A filling replica applies writes (so it misses none while it copies its peer), says
+        # so in the reply's aux, and remembers the keys so the copy does not overwrite them.
+        w = svc.handle(Frame(Kind.ASSIGN, [keys(1), rows(1)], request_id=5, shard=1))
+        assert w.status == Status.OK and w.aux == FILLING
+        assert svc.replicas[(0, 1)].touched == {int(keys(1)[0])}
         assert ok(svc, Kind.PING) == []  # node-level requests still answer
         assert not json.loads(ok(svc, Kind.HELLO)[0].tobytes())["shards"][0]["ready"]
         svc.replicas[(0, 0)].ready = True
