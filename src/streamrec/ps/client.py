@@ -645,7 +645,7 @@ class PSClient:
 def _retriable(exc: Exception) -> bool:
     """Whether another replica, or the same one later, might take what failed with ``exc``."""
     if not isinstance(exc, RemoteError):
-        return True
+        return not isinstance(exc, NonFiniteValues)  # the data, which no replica takes
     return exc.status in Status._value2member_map_ and Status(exc.status).retriable
 
 
