@@ -1,7 +1,8 @@
 """Our own parameter-server paths as load-driver clients (``_ps_baselines.run_clients``).
 
 Owns: ``make_ps_client``, a picklable factory the driver's spawn workers call to
-build a ``PSClient`` restricted to one transport, and ``load_rows``, which fills
+build a ``PSClient`` restricted to one transport (which reports its requests
+per transport, so the driver can show that none fell back to another), and ``load_rows``, which fills
 a storage process with the rows every path is checked against. It lives apart
 from ``benchmarks/ps.py`` because spawn workers must import it by module name.
 """
@@ -26,6 +27,11 @@ class _PSFind:
 
     def find(self, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         return self.client.find("emb", keys)
+
+    def transport_counts(self) -> dict[str, int] | None:
+        """Requests answered OK per transport so far (None where the client's revision has no such count)."""
+        counts = getattr(self.client.stats, "by_transport", None)
+        return None if counts is None else dict(counts)
 
     def close(self) -> None:
         self.client.close()

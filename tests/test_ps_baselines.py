@@ -36,6 +36,25 @@ def _check_find(client: pb.FindClient) -> None:
         pb.check_reply(keys, values, found)
 
 
+def test_check_reply_cheap_and_full() -> None:
+    keys = np.arange(100, 164, dtype=np.uint64)
+    good = pb.fill_values(keys, DIM)
+    found = np.ones(keys.size, bool)
+    pb.check_reply(keys, good, found, full=False)
+    neighbour = good.copy()
+    neighbour[3] = pb.fill_values(keys[4:5], DIM)  # a neighbour's row: both checks see it
+    middle = good.copy()
+    middle[5, DIM // 2] += 1  # one inner element: only the full check sees it
+    for bad, cheap_sees in ((neighbour, True), (middle, False)):
+        with pytest.raises(pb.BadReply):
+            pb.check_reply(keys, bad, found, full=True)
+        if cheap_sees:
+            with pytest.raises(pb.BadReply, match=f"key {int(keys[3])}"):
+                pb.check_reply(keys, bad, found, full=False)
+        else:
+            pb.check_reply(keys, bad, found, full=False)
+
+
 @pytest.mark.parametrize("target", [pb.serve_grpc_table, pb.serve_conventional])
 def test_grpc_servers_answer_filled_rows_and_drive_load(target: Callable[..., None]) -> None:
     with pb.served(target, ROWS, DIM, threads=2) as srv:
@@ -47,6 +66,8 @@ def test_grpc_servers_answer_filled_rows_and_drive_load(target: Callable[..., No
         res = pb.run_clients(functools.partial(pb.GrpcFindClient, srv.address), clients=2, seconds=0.3,
                              keys=ROWS, batch=64, warmup_s=0.05, server_pids=(srv.pid,))
     assert res.calls > 0 and res.keys_per_s == pytest.approx(res.round_trips_per_s * 64)
+    assert res.by_transport is None  # gRPC clients report no transports
+    assert res.check_s > 0 and res.full_checks <= res.calls // 64
     assert 0 < res.p50_ms <= res.p99_ms
     assert len(res.client_cpu_s) == 2 and res.server_cpu_s is not None and res.server_cpu_s > 0
 
