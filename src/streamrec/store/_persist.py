@@ -73,6 +73,7 @@ __all__ = [
     "index_file_bytes",
     "is_live_dir",
     "is_snapshot_dir",
+    "read_live_meta",
     "run_snapshot",
     "table_config_from_meta",
 ]
@@ -111,6 +112,11 @@ def index_digest(index: np.ndarray) -> int:
 def index_file_bytes(buckets: int) -> int:
     """Bytes of an index-N.bin holding ``buckets`` buckets: the buckets, then the trailer."""
     return buckets * BUCKET_BYTES + _INDEX_TRAILER
+
+
+def read_live_meta(p: Path) -> dict[str, Any]:
+    """TABLE.json of a live directory, whether or not it was closed cleanly (or SnapshotError)."""
+    return _read_meta(p)
 
 
 def _read_meta(p: Path) -> dict[str, Any]:
@@ -166,7 +172,8 @@ class LiveFiles:
     def create(cls, root: str | os.PathLike[str], meta: dict[str, Any]) -> LiveFiles:
         p = Path(root)
         if is_live_dir(p):
-            raise SnapshotError("already holds a table; reopen it with EmbeddingTable.open", path=str(p))
+            raise SnapshotError("already holds a table; reopen it with EmbeddingTable.open, or, if it was "
+                                "not closed cleanly, EmbeddingTable.recover", path=str(p))
         p.mkdir(parents=True, exist_ok=True)
         text = json.dumps({"format": FORMAT_VERSION, **meta}, sort_keys=True)
         tmp = p / "TABLE.json.tmp"
@@ -193,7 +200,9 @@ class LiveFiles:
             raise SnapshotError("state.bin: bad magic or version", path=str(p / "state.bin"))
         if st[_S_DIRTY]:
             raise SnapshotError(
-                "was not closed cleanly (a write may have been cut short); open its last snapshot instead",
+                "was not closed cleanly (a write may have been cut short), so its rows cannot be trusted: "
+                "EmbeddingTable.recover(path, snapshot=DIR) rebuilds it from a snapshot, "
+                "EmbeddingTable.recover(path) discards its rows",
                 path=str(p),
             )
         return self

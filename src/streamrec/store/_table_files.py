@@ -13,6 +13,7 @@ Thread safety: as ``EmbeddingTable``: every method here takes the writer lock
 from __future__ import annotations
 
 import os
+import shutil
 import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
@@ -34,6 +35,7 @@ from streamrec.store._persist import (
     SnapshotJob,
     is_live_dir,
     is_snapshot_dir,
+    read_live_meta,
     run_snapshot,
     table_config_from_meta,
 )
@@ -215,6 +217,46 @@ class TableFiles:
             return self
         raise SnapshotError("neither a snapshot (no CURRENT) nor a live table directory (no TABLE.json)",
                             path=str(path))
+
+    @classmethod
+    def recover(cls, path: str | os.PathLike[str], *, snapshot: str | os.PathLike[str] | None = None,
+                initializer_fn: InitFn | None = None, clock: Clock | None = None,
+                on_evict: EvictFn | None = None) -> EmbeddingTable:
+        """Put a live table that ``open`` refuses (not closed cleanly) back in service at ``path``.
+
+        With ``snapshot``: the snapshot is loaded (every checksum verified) and its
+        rows, with their optimizer state and expiry, are written into new live files
+        at ``path``; writes made after the snapshot are lost. Without: the rows are
+        discarded and an empty table of the recorded config takes their place. The old
+        files are removed only once the snapshot has loaded.
+
+        Raises:
+            SnapshotError: ``path`` is not a live table directory, or the snapshot is
+                damaged or holds rows of another shape (dim, dtype, optimizer).
+        """
+        p = Path(path)
+        if not is_live_dir(p):
+            raise SnapshotError("not a live table directory (no TABLE.json): nothing to recover", path=str(p))
+        cfg = table_config_from_meta(read_live_meta(p), str(p))
+        source = None
+        if snapshot is not None:
+            source = cls._load_snapshot(Path(snapshot), initializer_fn, clock, on_evict)
+            got = (source.config.dim, source.config.dtype, source.config.optimizer)
+            if got != (cfg.dim, cfg.dtype, cfg.optimizer):
+                source.close()
+                raise SnapshotError(f"holds rows of (dim, dtype, optimizer) {got}, the table at {p} "
+                                    f"{(cfg.dim, cfg.dtype, cfg.optimizer)}", path=str(snapshot))
+        shutil.rmtree(p)
+        table = cast("type[EmbeddingTable]", cls).from_config(cfg, initializer_fn, clock=clock,
+                                                              on_evict=on_evict, path=p)
+        if source is not None:
+            lo = 0
+            while lo >= 0:
+                keys, values, expires_at, lo = source.export_range_with_expiry(lo, 65536, include_state=True)
+                if keys.size:
+                    table.import_chunks([(keys, values, expires_at)], include_state=True)
+            source.close()
+        return table
 
     @classmethod
     def _from_meta(cls, meta: dict[str, Any], where: str, init_fn: InitFn | None, clock: Clock | None,
