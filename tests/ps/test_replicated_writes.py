@@ -46,7 +46,7 @@ def cluster() -> Iterator[LocalCluster]:
     spec = loopback_spec(f"repl-{os.getpid()}", zones=2, nodes_per_zone=1, shards=1, dim=_DIM)
     with LocalCluster(spec) as c:
         c.start()
-        with PSClient(spec, transports=("tcp",)) as loader:
+        with PSClient(spec, transports=("tcp",), timeout_s=30.0) as loader:  # bulk: a patient deadline
             for lo in range(0, _BASE, 50_000):
                 keys = np.arange(lo, lo + 50_000, dtype=np.uint64)
                 loader.assign("emb", keys, _rows(keys))
