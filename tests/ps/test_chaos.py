@@ -144,7 +144,7 @@ def _chaos(duration_s: float, seed: int) -> None:
         keys = np.concatenate(load.acked)
         lost = {}
         shard = spec.shard_of(0, keys)
-        with PSClient(spec, transports=("tcp",)) as c:
+        with PSClient(spec, transports=("tcp",), timeout_s=30.0) as c:
             for name in names:
                 got = np.zeros(keys.size, np.bool_)
                 wrong = 0

@@ -66,7 +66,7 @@ def _check_everywhere(cluster: LocalCluster, acked: dict[int, int]) -> dict[str,
     keys = np.fromiter(acked, np.uint64, len(acked))
     want = np.fromiter(acked.values(), np.float32, len(acked))
     bad = {}
-    with PSClient(cluster.spec, transports=("tcp",)) as reader:
+    with PSClient(cluster.spec, transports=("tcp",), timeout_s=30.0) as reader:
         for name in (_A, _B):
             n = 0
             for lo in range(0, keys.size, 50_000):
