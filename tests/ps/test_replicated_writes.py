@@ -288,3 +288,14 @@ def test_a_refilled_replica_keeps_each_rows_expiry() -> None:
             time.sleep(max(0.0, written + 6.5 - time.monotonic()))  # the TTL and a slice, plus margin
             assert not w.find("emb", keys, node=_A)[1].any()
             assert not w.find("emb", keys, node=_B)[1].any()
+
+
+def test_a_write_no_ready_replica_applied_fails() -> None:
+    """A write that reached only a filling replica of some shard is not acknowledged:
+    that replica's copy could still be overwritten, and no ready copy holds it."""
+    with PSClient() as c:  # embedded: one node, two shards, one replica each
+        keys = np.arange(1, 65, dtype=np.uint64)
+        assert c.assign("emb", keys, np.ones((64, 64), np.float32)) == WriteAck(1, ())
+        c._services[0].replicas[(0, 1)].ready = False  # shard 1's only replica: filling
+        with pytest.raises(TransportError, match="no ready replica"):
+            c.assign("emb", keys, np.ones((64, 64), np.float32))
