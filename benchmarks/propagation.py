@@ -85,6 +85,7 @@ SEED_TARGET_S = 10.0
 EKKO_TARGET_S = 2.4
 MIB = 1 << 20
 DEFAULT_PLOT = Path(__file__).resolve().parent / "out" / "propagation_cdf.png"
+KEYS = ("params", "scenarios", "max_s_1000", "target_ratio_1000", "ekko_ratio_1000", "max_s_10000", "plot")
 
 _PEER = r"""
 import sys, zmq

@@ -6,8 +6,10 @@ Python. It may import every package of ours.
 
 Subcommands:
     demo                            the main job for now: a small cluster on loopback at work
-    bench NAME [--quick] [--json]   run ``benchmarks/NAME.py`` (``bench --list`` lists them;
-                                    ``bench ps_ab --base REV`` compares the TCP path with REV)
+    bench NAME [--smoke|--quick] [--json]
+                                    run ``benchmarks/NAME.py`` (``bench --list`` lists them;
+                                    ``bench ps_ab --base REV`` compares the TCP path with REV);
+                                    arguments after ``--`` go to the benchmark as they are
     config defaults | check FILE    the table config format with every default; check a file
     ps serve --config F --node N    run one storage node of a cluster spec
     ps check FILE                   validate a cluster spec and print its placement
@@ -94,10 +96,12 @@ def _bench(args: argparse.Namespace) -> int:
               file=sys.stderr)
         return 2
     argv = [str(bdir / f"{args.name}.py")]
+    argv += ["--smoke"] if args.smoke else []
     argv += ["--quick"] if args.quick else []
     argv += ["--json"] if args.json else []
     argv += ["--rounds", str(args.rounds)] if args.rounds else []
     argv += ["--base", args.base] if args.base else []
+    argv += [a for a in args.extra if a != "--"]
     old = sys.argv
     sys.argv = argv
     try:
@@ -172,10 +176,13 @@ def build_parser() -> argparse.ArgumentParser:
                        "beside it (ratio first, absolute second).")
     b.add_argument("name", nargs="?", help="benchmark name (see --list)")
     b.add_argument("--list", action="store_true", help="list the benchmarks")
+    b.add_argument("--smoke", action="store_true", help="tiny sizes, a few seconds: checks that it runs")
     b.add_argument("--quick", action="store_true", help="smaller sizes, under 60 s")
     b.add_argument("--json", action="store_true", help="print one JSON object as the last line")
     b.add_argument("--rounds", type=int, default=0, help="timed rounds per figure")
     b.add_argument("--base", help="git revision to compare against (ps_ab)")
+    b.add_argument("extra", nargs=argparse.REMAINDER,
+                   help="after --: further arguments for the benchmark (e.g. -- --plot out.png)")
     b.set_defaults(func=_bench)
 
     c = sub.add_parser("config", help="show the config file format or check a file",

@@ -169,8 +169,8 @@ class TableConfig:
             ``Adam()``; strings ``"adagrad"``/``"adam"`` are accepted by the table.
         initializer: how new rows start (see ``Initializer``).
         huge_pages: advise the kernel to back the arena and index with 2 MiB
-            pages (default True). Measured on these machines: random-row gather
-            at about 22 M rows/s with huge pages against 9-14 M without.
+            pages (default True): random-row gathers run faster on them
+            (``gather_huge_over_4k`` of ``benchmarks/store.py``).
         ttl_s: default time to live of a row in seconds, counted from its last
             write (0 = rows never expire). A write may give its own TTL. An
             expired row reads as absent at once and is reclaimed when its

@@ -80,8 +80,9 @@ def _prefetch_intrinsic(locality: int, indices: int, doc: str) -> Any:
 
     Emits ``llvm.prefetch`` (read; ``locality`` 3 keeps the line in every cache
     level, 0 marks it non-temporal). With one index on a 2-D array it means
-    ``arr[i, 0]``. Measured here: a batched cuckoo probe with prefetch runs
-    1.4-1.7x one fused pass.
+    ``arr[i, 0]``. One-off measurement (2026-11-24, kernel variants timed while
+    writing commit baf6ca0, not reproducible from this tree): a batched cuckoo
+    probe with prefetch ran 1.4-1.7x one fused pass.
     """
 
     def typer(arr: Any, idx: tuple[Any, ...]) -> Any:

@@ -17,10 +17,10 @@ Why reserve: ``MAP_NORESERVE`` address space costs a VMA and nothing else; the
 kernel backs a page only when it is first written. Growth is then "use more of
 the region": no reallocation, no copy, no stale views for concurrent readers.
 
-Why huge pages: measured on these machines a random-row gather over 1.3 GB runs
-at about 22 M rows/s on 2 MiB pages and 9-14 M rows/s on 4 KiB pages (TLB
-misses), and transparent huge pages are in ``madvise`` mode, so the region asks
-for them with ``MADV_HUGEPAGE``.
+Why huge pages: a random-row gather over a large arena misses the TLB on 4 KiB
+pages far more than on 2 MiB pages (``gather_huge_over_4k`` of
+``benchmarks/store.py`` measures it), and transparent huge pages are in
+``madvise`` mode here, so the region asks for them with ``MADV_HUGEPAGE``.
 
 Thread safety: a Region is immutable after construction; its bytes follow the
 rules of whoever owns them.

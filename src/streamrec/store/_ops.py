@@ -189,9 +189,11 @@ def find_batch(
     row locks that bucket); an absent key needs both.
 
     Rows are prefetched non-temporally: each is read once, and keeping them out
-    of the outer caches keeps the index in. Measured (5 M keys, dim 64): this
-    order runs about 1.2x probing both buckets at once, and 1.3x a fused loop
-    that probes ahead while it copies.
+    of the outer caches keeps the index in. One-off measurement (2026-11-24,
+    ``python benchmarks/store.py --quick`` on kernel variants while writing
+    commit f55799c, 5 M keys, dim 64; the variants are gone): this order ran
+    about 1.2x probing both buckets at once, and 1.3x a fused loop that probes
+    ahead while it copies.
 
     A row whose TTL has passed reads as absent. With ``copy`` (a real read, not
     a membership test) each row found is marked accessed for the eviction policy.
