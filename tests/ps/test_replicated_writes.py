@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from numpy.testing import assert_array_equal
 
 from streamrec.cluster.router import RouterConfig
 from streamrec.cluster.spec import ClusterSpec
@@ -269,25 +270,28 @@ def test_a_refilled_replica_keeps_each_rows_expiry() -> None:
     peer does instead of restarting every row's TTL."""
     base = loopback_spec(f"ttl-{os.getpid()}", zones=2, nodes_per_zone=1, shards=1, dim=_DIM)
     table = base.tables[0]
-    cfg = dataclasses.replace(table.config, ttl_s=4, ttl_slice_s=1)
+    cfg = dataclasses.replace(table.config, ttl_s=60, ttl_slice_s=5)
     spec = dataclasses.replace(base, tables=(dataclasses.replace(table, config=cfg),))
     keys = np.arange(1, 1001, dtype=np.uint64)
     with LocalCluster(spec) as c:
         c.start()
-        with PSClient(spec, transports=("tcp",)) as w:
+        with PSClient(spec, transports=("tcp",), timeout_s=10.0) as w:
             w.assign("emb", keys, _rows(keys))
-            written = time.monotonic()
+            written = time.time()
+            time.sleep(1.5)  # a fresh TTL on the refilled copy would end 1.5 s later than the original
             c.kill(_B)
             c.start([_B])
-            for _ in range(3):  # the first calls after a restart may find the old connection gone
-                try:
-                    assert w.find("emb", keys, node=_B)[1].all()
-                    break
-                except TransportError:
-                    time.sleep(0.6)
-            time.sleep(max(0.0, written + 6.5 - time.monotonic()))  # the TTL and a slice, plus margin
-            assert not w.find("emb", keys, node=_A)[1].any()
-            assert not w.find("emb", keys, node=_B)[1].any()
+        with PSClient(spec, transports=("tcp",), timeout_s=10.0) as r:
+            expiry = {}
+            for name in (_A, _B):
+                k = np.concatenate([k for _, k, _, _ in r.export("emb", name)])
+                e = np.concatenate([e for _, _, _, e in r.export("emb", name)])
+                assert_array_equal(np.sort(k), keys)
+                expiry[name] = e[np.argsort(k)]
+            # Both replicas expire each row at the second it was written plus the TTL (a fresh
+            # TTL on the copy would be 1.5 s or more later).
+            assert_array_equal(expiry[_B], expiry[_A])
+            assert written - 1 <= expiry[_A].min() - 60 and expiry[_A].max() - 60 <= written + 1
 
 
 def test_a_write_no_ready_replica_applied_fails() -> None:
