@@ -24,6 +24,10 @@ import os
 import runpy
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from streamrec.cluster.spec import ClusterSpec
 
 __all__ = ["main"]
 
@@ -134,8 +138,8 @@ def _ps(args: argparse.Namespace) -> int:
     from streamrec.errors import ConfigError
 
     try:
-        spec = load_cluster_spec(args.config if args.what == "serve" else args.file)
-        if args.what == "serve":
+        spec = load_cluster_spec(args.config if args.what in ("serve", "dump") else args.file)
+        if args.what in ("serve", "dump"):
             spec.node(args.node)
     except (ConfigError, OSError) as exc:
         print(f"streamrec ps {args.what}: {exc}", file=sys.stderr)
@@ -145,6 +149,8 @@ def _ps(args: argparse.Namespace) -> int:
             for s in range(table.shards):
                 print(f"{table.name}[{s}]: {', '.join(spec.replicas(t, s))}")
         return 0
+    if args.what == "dump":
+        return _ps_dump(spec, args)
     from streamrec.ps.server import serve
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
@@ -154,6 +160,37 @@ def _ps(args: argparse.Namespace) -> int:
     except OSError as exc:
         print(f"streamrec ps serve: {exc}", file=sys.stderr)
         return 1
+    return 0
+
+
+def _ps_dump(spec: ClusterSpec, args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from streamrec.errors import ConfigError, StreamrecError
+    from streamrec.ps.client import PSClient
+
+    shards, keys, values, expires = [], [], [], []
+    try:
+        with PSClient(spec, transports=("tcp",), timeout_s=args.timeout) as client:
+            for s, k, v, e in client.export(args.table, args.node):
+                shards.append(np.full(k.size, s, np.int64))
+                keys.append(k)
+                values.append(v)
+                expires.append(e)
+    except (ConfigError, StreamrecError) as exc:
+        print(f"streamrec ps dump: {exc}", file=sys.stderr)
+        return 1
+    shard = np.concatenate(shards) if shards else np.empty(0, np.int64)
+    t = spec.table(args.table)[0]
+    for s in range(spec.tables[t].shards):
+        if args.node in spec.replicas(t, s):
+            print(f"{args.table}[{s}] on {args.node}: {int(np.count_nonzero(shard == s))} rows")
+    if args.out:
+        np.savez(args.out, shard=shard,
+                 keys=np.concatenate(keys) if keys else np.empty(0, np.uint64),
+                 values=np.concatenate(values) if values else np.empty((0, 0), np.float32),
+                 expires_at=np.concatenate(expires) if expires else np.empty(0, np.int64))
+        print(f"wrote {args.out}")
     return 0
 
 
@@ -201,7 +238,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--seconds", type=float, default=4.0, help="seconds per load phase (default 4)")
     d.set_defaults(func=_demo)
 
-    ps = sub.add_parser("ps", help="parameter server: serve a node, check a cluster spec",
+    ps = sub.add_parser("ps", help="parameter server: serve a node, check a cluster spec, dump a replica",
                         description="'serve' runs one storage node of a cluster spec until SIGTERM/SIGINT; "
                         "'check FILE' validates a spec and prints each shard's replicas.")
     ps_sub = ps.add_subparsers(dest="what", metavar="WHAT", required=True)
@@ -216,6 +253,17 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--no-fill", action="store_true",
                        help="start replicas empty instead of filling them from a peer")
     serve.set_defaults(func=_ps)
+    dump = ps_sub.add_parser("dump", help="read one node's replicas of a table directly",
+                             description="Read every row of one node's replicas of a table over TCP, from "
+                             "that node alone (no failover: to verify replicas one by one). Prints the rows "
+                             "per shard; --out also writes shard, keys, values (with optimizer state) and "
+                             "expires_at (0: never) to an .npz file. A replica still filling is refused.")
+    dump.add_argument("--config", required=True, help="cluster spec (TOML)")
+    dump.add_argument("--node", required=True, help="the node to read")
+    dump.add_argument("--table", required=True, help="the table's name")
+    dump.add_argument("--out", help="write the rows to this .npz file")
+    dump.add_argument("--timeout", type=float, default=30.0, help="seconds per request (default 30)")
+    dump.set_defaults(func=_ps)
     check = ps_sub.add_parser("check", help="validate a cluster spec",
                               description="Validate a cluster spec; errors name the line and field.")
     check.add_argument("file", help="cluster spec (TOML)")

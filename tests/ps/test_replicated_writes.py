@@ -303,3 +303,18 @@ def test_a_write_no_ready_replica_applied_fails() -> None:
         c._services[0].replicas[(0, 1)].ready = False  # shard 1's only replica: filling
         with pytest.raises(TransportError, match="no ready replica"):
             c.assign("emb", keys, np.ones((64, 64), np.float32))
+
+
+def test_ps_dump_reads_one_replica(cluster: LocalCluster, tmp_path: Path,
+                                   capsys: pytest.CaptureFixture[str]) -> None:
+    from streamrec.cli import main
+
+    _both_up(cluster)
+    out = tmp_path / "b.npz"
+    assert main(["ps", "dump", "--config", str(cluster.spec_path), "--node", _B, "--table", "emb",
+                 "--out", str(out)]) == 0
+    assert f"emb[0] on {_B}:" in capsys.readouterr().out
+    got = np.load(out)
+    base = got["keys"] < _BASE
+    assert base.sum() == _BASE and (got["shard"] == 0).all() and (got["expires_at"] == 0).all()
+    assert_array_equal(got["values"][base, 0], got["keys"][base].astype(np.float32))

@@ -33,7 +33,7 @@ import itertools
 import json
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -52,7 +52,7 @@ from streamrec.errors import (
 )
 from streamrec.ps._plan import Plan, make_plan, sum_rows
 from streamrec.ps.channel import PREFERENCE, NodeLink
-from streamrec.ps.service import FILLING, MAX_KEYS, SEQ_MOD, Service
+from streamrec.ps.service import EXPORT_EXPIRY, FILLING, MAX_KEYS, SEQ_MOD, Service
 from streamrec.transport.base import Connection
 from streamrec.transport.frames import Flag, Frame, Kind, Status
 
@@ -290,6 +290,35 @@ class PSClient:
         plan = self._plan(t, _keys(keys))
         replies = self._fan_out(Kind.ERASE, t, plan.bounds, lambda sl: [plan.keys[sl]], read=False)
         return int(sum(int(r.buffers[0][0]) for _, r in replies))
+
+    def export(self, table: str, node: str, *, chunk_rows: int = 32_768
+               ) -> Iterator[tuple[int, np.ndarray, np.ndarray, np.ndarray]]:
+        """Every row of ``node``'s replicas of ``table``, read from that node alone (no
+        failover), for verification and operations (``streamrec ps dump``).
+
+        Yields ``(shard, keys (n,), values (n, D + state), expires_at (n,) int64)``
+        chunks; ``expires_at`` is 0 for rows that never expire. A row written while
+        the export runs may appear once, or not at all.
+
+        Raises:
+            ConfigError: unknown table or node.
+            RemoteError: the replica is not ready (filling), or refused.
+            TransportError: the node did not answer.
+        """
+        t, spec = self.spec.table(table)
+        self.spec.node(node)
+        rows = np.array([min(max(int(chunk_rows), 1), 1 << 16)], np.int64)
+        for s in range(spec.shards):
+            if node not in self.spec.replicas(t, s):
+                continue
+            start = 0
+            while start >= 0:
+                reply = self._one(node, Frame(Kind.EXPORT, [np.array([start], np.int64), rows], table=t,
+                                              shard=s, aux=EXPORT_EXPIRY))
+                keys, values, nxt, expires_at = reply.buffers
+                if keys.size:
+                    yield s, keys.copy(), values.copy(), expires_at.copy()
+                start = int(nxt[0])
 
     def node_stats(self) -> dict[str, Any]:
         """Each node's STATS reply (None for nodes that did not answer)."""
