@@ -202,7 +202,8 @@ class Service:
         path = self.live_dir(t, s)
         # A live directory left by an earlier run is never trusted here: a killed
         # server leaves it dirty, and a clean one may be behind its peers. The
-        # replica starts empty and fills from a peer (or stays empty if none).
+        # replica starts empty and fills from a peer before it reports ready (the
+        # server's fill: it starts empty only when no peer holds data).
         shutil.rmtree(path, ignore_errors=True)
         return EmbeddingTable.from_config(cfg, path=path)
 
