@@ -75,6 +75,7 @@ from streamrec.store._evict import (
     CTX_HASH_K1,
     CTX_NOW,
     CTX_POLICY,
+    CTX_RETRIES,
     CTX_SIZE,
     POLICY_NONE,
 )
@@ -193,6 +194,7 @@ class OneSidedReader:
         self._lock = threading.Lock()
         self._closed = False
         self._calls = 0
+        self.retries = 0  # seqlock re-reads, as EmbeddingTable.stats().read_retries counts them
         self._old: list[_Generation] = []
         self._arena: _Arena | None = None
         try:
@@ -301,20 +303,28 @@ class OneSidedReader:
     def _read(self, keys: np.ndarray, out: np.ndarray, found: np.ndarray, copy: bool) -> None:
         voff = self._layout.voff
 
+        retries = 0
+
         def once() -> int:
+            nonlocal retries
             ix = self._acquire()
+            ctx = self._ctx()
             try:
                 a = self._arena
                 assert a is not None  # unmapped only once closed and no call is in flight
                 status = int(find_batch(ix.idx64, ix.idx32, ix.retired, a.arena64, a.arenav,
-                                        voff, keys, out, found, copy, self._ctx()))
+                                        voff, keys, out, found, copy, ctx))
             finally:
                 self._release(ix)
+            retries += int(ctx[CTX_RETRIES]) + (status != Status.OK)
             if status == Status.STALE:
                 self._advance(ix)
             return status
 
         retry_reader(once, Status.BUSY)
+        if retries:
+            with self._lock:
+                self.retries += retries
 
     # -- mappings ------------------------------------------------------------------------
 

@@ -29,6 +29,7 @@ __all__ = [
     "CTX_POLICY",
     "CTX_REFRESH",
     "CTX_REFUSED",
+    "CTX_RETRIES",
     "CTX_RNG",
     "CTX_SAMPLE",
     "CTX_SIZE",
@@ -56,7 +57,8 @@ CTX_REFRESH = 9  # expiry that apply_gradients gives the rows it updates, 0 = ke
 CTX_REFUSED = 10  # out: keys refused a row by the admission filter this call
 CTX_HASH_K0 = 11  # the table's index hash key, two words (``_index.hash_key``)
 CTX_HASH_K1 = 12
-CTX_SIZE = 13
+CTX_RETRIES = 13  # out: seqlock retries of a read call (keys re-read after a torn or locked bucket)
+CTX_SIZE = 14
 
 POLICY_NONE, POLICY_LRU, POLICY_LFU = 0, 1, 2
 

@@ -11,7 +11,10 @@ every key and prefetch both bucket lines; (B) read the buckets' versions, match
 tags, and prefetch the candidate row's lines; (C) check the row's key, copy the
 embedding, and re-read the versions. A key whose versions moved, whose first
 candidate was a false tag match, or whose bucket was locked is redone on the
-single-key path, which loops until it reads a stable bucket pair.
+single-key path, which loops until it reads a stable bucket pair. Each
+re-read for a torn or locked bucket is counted in ``ctx[CTX_RETRIES]`` (the
+table's ``stats().read_retries``): a store into the call's own ctx, on the slow
+path only.
 
 Thread safety: ``find_batch`` may run on any number of threads beside one
 writer; every other kernel here is writer only (the caller holds the table's
@@ -34,6 +37,7 @@ from streamrec.store._evict import (
     CTX_HASH_K1,
     CTX_NOW,
     CTX_POLICY,
+    CTX_RETRIES,
     expired,
     touch,
 )
@@ -143,6 +147,7 @@ def _find_one(
         if (v1 | v2) & np.uint32(1):
             if retired[0] != 0:
                 return _STALE
+            ctx[CTX_RETRIES] += 1
             continue
         barrier()
         _, row = scan(idx64, idx32, arena64, key, b1, tag)
@@ -168,6 +173,7 @@ def _find_one(
             return _OK
         if retired[0] != 0:
             return _STALE
+        ctx[CTX_RETRIES] += 1
     return _BUSY
 
 
@@ -309,6 +315,8 @@ def find_batch(
                     if policy != 0 and cand >= 0:
                         touch(arena32, cand, policy, now, ctx[CTX_DECAY_MIN])
                     continue
+            if ok or cand == -2:  # a torn or locked bucket, not a false tag match or an expiry
+                ctx[CTX_RETRIES] += 1
             st = _find_one(idx64, idx32, retired, arena64, arenav, voff, key,
                            b1s[j], b2s[j], tags[j], out, found, i, copy, ctx)
             if st != _OK:

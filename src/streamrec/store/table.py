@@ -46,6 +46,7 @@ from streamrec.store._evict import (
     CTX_POLICY,
     CTX_REFRESH,
     CTX_REFUSED,
+    CTX_RETRIES,
     CTX_RNG,
     CTX_SAMPLE,
     CTX_SIZE,
@@ -119,6 +120,10 @@ class TableStats:
     ``evicted``, ``expired`` and ``not_admitted`` count keys since creation;
     ``nonfinite_skipped`` counts rows a ``nonfinite="skip"`` table dropped since
     this process opened it (values, or distinct rows of a gradient step).
+    ``read_retries`` counts the seqlock's work since then: each time a reader
+    of this object read a key again because its bucket was locked or changed
+    under the read (or a batch again on a replaced index). It shows readers
+    met a writer; it is not an error count.
     """
 
     rows: int
@@ -136,6 +141,7 @@ class TableStats:
     expired: int
     not_admitted: int
     nonfinite_skipped: int
+    read_retries: int
 
 
 class EmbeddingTable(TableFiles):
@@ -270,6 +276,8 @@ class EmbeddingTable(TableFiles):
         self._expired = 0
         self._not_admitted = 0
         self._nonfinite_skipped = 0
+        self._read_retries = 0
+        self._retry_lock = threading.Lock()
         self._skip_nonfinite = cfg.nonfinite == "skip"
         self._finite_lim = finite_limit(lay.dtype)
         self._bits_dtype, self._exp_mask = exponent_mask(lay.dtype)
@@ -364,6 +372,7 @@ class EmbeddingTable(TableFiles):
             expired=self._expired,
             not_admitted=self._not_admitted,
             nonfinite_skipped=self._nonfinite_skipped,
+            read_retries=self._read_retries,
         )
 
     @property
@@ -411,12 +420,21 @@ class EmbeddingTable(TableFiles):
         return found
 
     def _read(self, keys: np.ndarray, out: np.ndarray, found: np.ndarray, copy: bool) -> None:
+        retries = 0
+
         def once() -> int:
+            nonlocal retries
             ix = self._index  # the current index on every try: STALE retries land on the new one
-            return int(find_batch(ix.idx64, ix.idx32, ix.retired, self._arena64, self._arenav,
-                                  self._layout.voff, keys, out, found, copy, self._ctx()))
+            ctx = self._ctx()
+            status = int(find_batch(ix.idx64, ix.idx32, ix.retired, self._arena64, self._arenav,
+                                    self._layout.voff, keys, out, found, copy, ctx))
+            retries += int(ctx[CTX_RETRIES]) + (status != Status.OK)
+            return status
 
         retry_reader(once, Status.BUSY)
+        if retries:  # a lock only then: exact across reader threads, free for an untroubled read
+            with self._retry_lock:
+                self._read_retries += retries
 
     # -- writes: serialised by the writer lock --------------------------------------
 
