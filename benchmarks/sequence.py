@@ -274,7 +274,8 @@ def bench_append(n_users: int, per_user: int, rounds: int, report: Report) -> di
     return {"append_events_per_s": a, "append_over_python": over}
 
 
-def bench_read(n_full: int, rounds: int, min_seconds: float, report: Report) -> dict[str, Any]:
+def bench_read(n_full: int, rounds: int, min_seconds: float, n_queries: int,
+               report: Report) -> dict[str, Any]:
     per_user = MAX_LEN + MAX_LEN // 20  # every ring has wrapped
     ids, ev = event_stream(n_full, per_user, seed=2)
     _, s = store_fill(batches(ev), f"fill {n_full:,} users x {per_user:,} events (store)")
@@ -283,7 +284,7 @@ def bench_read(n_full: int, rounds: int, min_seconds: float, report: Report) -> 
     d: Deques = {u: tuple(deque(col.tolist(), maxlen=MAX_LEN) for col in cols)  # type: ignore[misc]
                  for u, cols in ref.items()}
     rng = np.random.default_rng(3)
-    queries = [ids[rng.integers(0, n_full, READ_USERS)] for _ in range(64)]
+    queries = [ids[rng.integers(0, n_full, READ_USERS)] for _ in range(n_queries)]
     wants = [expected_read(ref, q) for q in queries]
 
     # The baseline reads with whichever of np.fromiter and np.array is faster here.
@@ -352,7 +353,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     compile_s, how = compile_first_calls()
     report = Report(f"streamrec bench sequence: SequenceStore, max_len {MAX_LEN:,}, 1 thread")
     fig: dict[str, Any] = dict(bench_append(n_users, per_user, rounds, report))
-    fig.update(bench_read(n_full, args.rounds or size(args, 3, 3, 1), min_seconds, report))
+    # --smoke: 4 pre-drawn queries, since the deques' read of each takes ~0.2 s and every
+    # query of every path is verified twice.
+    fig.update(bench_read(n_full, args.rounds or size(args, 3, 3, 1), min_seconds, size(args, 64, 64, 4),
+                          report))
     report.add("first calls of the kernels (not in any figure)", "", f"{compile_s:.2f} s: {how}")
     report.note(f"append: {rounds} rounds, each from an empty store and an empty dict; "
                 f"{n_users:,} users x {per_user} events")
