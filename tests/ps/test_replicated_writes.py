@@ -318,3 +318,22 @@ def test_ps_dump_reads_one_replica(cluster: LocalCluster, tmp_path: Path,
     base = got["keys"] < _BASE
     assert base.sum() == _BASE and (got["shard"] == 0).all() and (got["expires_at"] == 0).all()
     assert_array_equal(got["values"][base, 0], got["keys"][base].astype(np.float32))
+
+
+def test_a_replica_follows_each_clients_write_sequence() -> None:
+    from streamrec.ps.service import IN_ORDER, LATE, SEQ_MOD, SKIPPED, ShardReplica
+    from streamrec.store import EmbeddingTable
+
+    rep = ShardReplica(0, 0, EmbeddingTable(dim=2, huge_pages=False))
+    a, b = 5 << 32, 6 << 32
+    assert rep.order(a | 1, 1) == IN_ORDER  # a new client's first write
+    assert rep.order(b | 1, 7) == SKIPPED  # first seen while ready, past its first write
+    assert [rep.order(a | 2, 2), rep.order(a | 3, 3), rep.order(a | 3, 3)] == [IN_ORDER] * 3
+    assert rep.order(a | 5, 5) == SKIPPED  # 4 never came
+    assert rep.order(a | 4, 4) == LATE  # came after 5: applying it could undo 5
+    assert rep.order(a | 9, 0) == IN_ORDER  # no number: not followed
+    rep.ready = False
+    assert rep.order(7 << 32, 40) == IN_ORDER  # first seen while filling: the copy covers it
+    rep.ready = True
+    rep._seqs[a >> 32] = SEQ_MOD - 1  # client ids are the top half of request ids
+    assert rep.order(a | 10, 1) == IN_ORDER  # wraps (the client never sends 0)

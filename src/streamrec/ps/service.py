@@ -38,11 +38,12 @@ write replies carry ``aux`` ``FILLING`` so the client does not count it as a
 ready copy. Keys it wrote while filling are never overwritten by the rows it
 copies from the peer (those may be older). The peer records the keys written
 while a fill runs (EXPORT_TRACK), and the filler copies them again
-(EXPORT_CHANGES) until none is left, then reports ready. Each write also
-carries the client's per-shard sequence number in ``aux`` bits 1-31: a replica
-that sees a number skipped, or one arriving after a later one, missed an
-acknowledged write (it was paused, or its link was down) and goes back to
-filling (``on_stale``).
+(EXPORT_CHANGES) until none is left, then reports ready (one fill per shard at
+a time: the record is the peer's, one per shard, for two replicas per shard).
+Each write also carries the client's per-shard sequence number in ``aux`` bits
+1-31: a replica that sees a number skipped, or one arriving after a later one,
+missed an acknowledged write (it was paused, or its link was down) and goes
+back to filling (``on_stale``).
 
 Thread safety: ``Service.handle`` may be called from many threads at once.
 Reads run lock-free on the table; writes to one replica are serialised by its
@@ -86,6 +87,7 @@ FILLING = 1  # reply aux of a write applied by a replica that is not ready
 EXPORT_TRACK, EXPORT_EXPIRY, EXPORT_CHANGES, EXPORT_END = 1, 2, 4, 8
 IN_ORDER, SKIPPED, LATE = 0, 1, 2
 SEQ_MOD = 1 << 31  # write sequence numbers live in aux bits 1-31; 0 = none
+_CLIENTS_MAX = 1 << 16  # writers whose sequence a replica follows; the longest idle is forgotten first
 _TRACK_MAX = 1 << 22  # keys a peer records for a fill; past it the fill starts over (bounded memory)
 
 
@@ -118,7 +120,7 @@ class ShardReplica:
         self.tracking_lost = False
         self.lock = threading.Lock()
         self._applied: OrderedDict[int, None] = OrderedDict()
-        self._seqs: dict[int, int] = {}  # client id -> its last write sequence number seen
+        self._seqs: OrderedDict[int, int] = OrderedDict()  # client id -> its last write's number, LRU
 
     def order(self, request_id: int, seq: int) -> int:
         """Writer lock held: where this write falls in its client's sequence: IN_ORDER,
@@ -129,11 +131,16 @@ class ShardReplica:
         last = self._seqs.get(client)
         if last is None:
             self._seqs[client] = seq
+            if len(self._seqs) > _CLIENTS_MAX:
+                self._seqs.popitem(last=False)
             # A client first seen while filling is covered by the copy; one first seen while ready,
             # past its first write, may have had writes acknowledged without this replica.
             return IN_ORDER if seq == 1 or not self.ready else SKIPPED
-        step = (seq - last) % SEQ_MOD
-        if step == 0 or step >= SEQ_MOD // 2:
+        self._seqs.move_to_end(client)
+        step = (seq - last) % (SEQ_MOD - 1)  # numbers run 1 .. SEQ_MOD - 1, then 1 again
+        if step == 0:  # the same write again, under a new attempt that was not applied before
+            return IN_ORDER
+        if step >= (SEQ_MOD - 1) // 2:
             return LATE
         self._seqs[client] = seq
         return IN_ORDER if step == 1 else SKIPPED
