@@ -481,7 +481,7 @@ class LoadResult:
 def run_clients(make_client: Callable[[], FindClient], *, clients: int, seconds: float, keys: int,
                 batch: int = 4096, seed: int = 0, warmup_s: float = 0.3,
                 check: Callable[..., None] | None = check_reply, server_pids: tuple[int, ...] = (),
-                setup_timeout_s: float = 120.0) -> LoadResult:
+                setup_timeout_s: float = 120.0, inline: bool = False) -> LoadResult:
     """Drive ``clients`` processes, each calling ``find`` on uniform random keys for ``seconds``.
 
     Each process builds its own client with ``make_client()``, warms up for
@@ -497,10 +497,25 @@ def run_clients(make_client: Callable[[], FindClient], *, clients: int, seconds:
         check: ``check(keys, values, found, full=...)``; None skips checks
             (for key spaces larger than what was filled).
         server_pids: processes whose CPU time is read at the window's start and end.
+        inline: run the one client (``clients`` must be 1) in this process instead
+            of a spawned one: the same loop and checks, without a process start
+            (smoke runs); ``make_client`` then runs here.
 
     Raises:
         RuntimeError: a worker failed (its traceback is in the message) or hung.
+        ValueError: ``inline`` with more than one client.
+        BadReply: ``inline``, and a reply was wrong.
     """
+    if inline:
+        if clients != 1:
+            raise ValueError(f"inline runs one client, not {clients}")
+        cpu: list[float] = []
+        window_start = threading.Barrier(1, action=lambda: cpu.append(
+            sum(server_cpu_seconds(pid) for pid in server_pids)))
+        inbox: queue.Queue[dict[str, Any]] = queue.Queue()
+        _client_worker(make_client, seconds, keys, batch, seed, warmup_s, check, window_start, inbox)
+        cpu.append(sum(server_cpu_seconds(pid) for pid in server_pids))
+        return _result([inbox.get_nowait()], clients, batch, (cpu[1] - cpu[0]) if server_pids else None)
     ctx = mp.get_context("spawn")
     start = ctx.Barrier(clients + 1)
     results: Any = ctx.Queue()
@@ -532,6 +547,11 @@ def run_clients(make_client: Callable[[], FindClient], *, clients: int, seconds:
     if errors or len(got) < clients:
         raise RuntimeError(f"{len(errors)} load clients failed, {clients - len(got)} sent nothing:\n"
                            + "\n".join(errors))
+    return _result(got, clients, batch, (cpu1 - cpu0) if server_pids else None)
+
+
+def _result(got: list[dict[str, Any]], clients: int, batch: int, server_cpu_s: float | None) -> LoadResult:
+    """One ``LoadResult`` from the workers' result dicts."""
     lat = np.concatenate([r["latencies"] for r in got])
     calls = int(lat.size)
     by_transport: dict[str, int] | None = None
@@ -546,7 +566,7 @@ def run_clients(make_client: Callable[[], FindClient], *, clients: int, seconds:
         round_trips_per_s=rt, keys_per_s=rt * batch,
         p50_ms=float(np.percentile(lat, 50) * 1e3), p99_ms=float(np.percentile(lat, 99) * 1e3),
         client_cpu_s=tuple(r["cpu"] for r in got),
-        server_cpu_s=(cpu1 - cpu0) if server_pids else None,
+        server_cpu_s=server_cpu_s,
         check_s=sum(r["check_s"] for r in got), full_checks=sum(r["full_checks"] for r in got),
         by_transport=by_transport,
     )

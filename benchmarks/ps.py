@@ -214,8 +214,8 @@ def _baselines(rows: int) -> Iterator[dict[str, Any]]:
         yield paths
 
 
-def _rounds(paths: dict[str, Any], rows: int, seconds: float, clients: int, rounds: int, single_runs: bool
-            ) -> dict[str, tuple[LoadResult | None, list[LoadResult]] | str]:
+def _rounds(paths: dict[str, Any], rows: int, seconds: float, clients: int, rounds: int, single_runs: bool,
+            smoke: bool = False) -> dict[str, tuple[LoadResult | None, list[LoadResult]] | str]:
     """Each path's single-client run (not in quick mode), then ``rounds`` rounds of saturated
     runs, every path once per round, back to back: drift on a shared machine then moves
     every path of a round alike, and per-round ratios cancel it."""
@@ -238,7 +238,9 @@ def _rounds(paths: dict[str, Any], rows: int, seconds: float, clients: int, roun
             if isinstance(res, str):
                 continue
             make, pids = paths[path]
-            sat = run_clients(make, clients=clients, seconds=seconds, keys=rows, server_pids=pids)
+            # --smoke drives its one client from this process (no process start per path).
+            sat = run_clients(make, clients=clients, seconds=seconds, keys=rows, server_pids=pids,
+                              inline=smoke, warmup_s=0.05 if smoke else 0.3)
             _assert_path(path, sat)
             res[1].append(sat)
     return out
@@ -250,14 +252,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     seconds = size(args, 3.0, 1.5, 0.3)
     rounds = args.rounds or size(args, 3, 2, 1)
     # Two client processes keep both cores busy (the server's threads compete for them too);
-    # --smoke starts one per run, the fewest processes that still drive every path.
+    # --smoke runs one, in this process: the fewest processes that still drive every path.
     clients = size(args, 2, 2, 1)
     console.print(f"[bold]ps[/]: {rows:,} rows, dim {DIM}, batches of {BATCH}, {seconds} s per run, "
                   f"{rounds} rounds")
     notes: list[str] = []
     with _ours(rows, notes, size(args, 230, 230, 40)) as (ours, lookup_ms), _baselines(rows) as theirs:
         results = _rounds({**ours, **theirs}, rows, seconds, clients, rounds,
-                          single_runs=not (args.quick or args.smoke))
+                          single_runs=not (args.quick or args.smoke), smoke=args.smoke)
 
     keys_per_s: dict[str, float | None] = {}
     per_round: dict[str, list[float]] = {}

@@ -79,6 +79,17 @@ def test_wrong_rows_fail_the_load_driver() -> None:
                        keys=2 * ROWS, batch=64, warmup_s=0.0)
 
 
+
+def test_inline_driver_checks_replies_and_counts() -> None:
+    with pb.served(pb.serve_grpc_table, ROWS, DIM) as srv:
+        make = functools.partial(pb.GrpcFindClient, srv.address)
+        res = pb.run_clients(make, clients=1, seconds=0.2, keys=ROWS, batch=64, warmup_s=0.0, inline=True,
+                             server_pids=(srv.pid,))
+        assert res.calls > 0 and res.server_cpu_s is not None and res.by_transport is None
+        with pytest.raises(pb.BadReply):  # in this process the check's own exception arrives
+            pb.run_clients(make, clients=1, seconds=0.2, keys=2 * ROWS, batch=64, warmup_s=0.0, inline=True)
+
+
 def test_redis_mget_answers_filled_rows() -> None:
     with redis_server() as srv:
         if isinstance(srv, str):
