@@ -109,7 +109,7 @@ def _chaos(duration_s: float, seed: int) -> None:
     names = [n.name for n in spec.nodes]
     faults: list[str] = []
     with LocalCluster(spec) as cluster:
-        cluster.start()
+        cluster.start(timeout_s=300)  # a cold numba cache compiles in each server at first
         load = _Load(cluster, seed)
         threads = [threading.Thread(target=load.write, daemon=True),
                    threading.Thread(target=load.read, daemon=True)]

@@ -46,7 +46,7 @@ def _rows(keys: np.ndarray, version: int = 0) -> np.ndarray:
 def cluster() -> Iterator[LocalCluster]:
     spec = loopback_spec(f"repl-{os.getpid()}", zones=2, nodes_per_zone=1, shards=1, dim=_DIM)
     with LocalCluster(spec) as c:
-        c.start()
+        c.start(timeout_s=300)  # a cold numba cache compiles in each server at first
         with PSClient(spec, transports=("tcp",), timeout_s=30.0) as loader:  # bulk: a patient deadline
             for lo in range(0, _BASE, 50_000):
                 keys = np.arange(lo, lo + 50_000, dtype=np.uint64)
@@ -256,7 +256,7 @@ def test_a_killed_server_leaves_no_socket_and_stop_leaves_no_directory(tmp_path:
     spec = loopback_spec(f"clean-{os.getpid()}", zones=1, nodes_per_zone=1, shards=1, dim=_DIM,
                          data_root=tmp_path / "root")
     with LocalCluster(spec) as c:
-        c.start()
+        c.start(timeout_s=300)
         old = c.pid("z1n1")
         assert glob.glob(f"/dev/shm/streamrec-{old}-*.sock")
         c.kill("z1n1")
@@ -274,7 +274,7 @@ def test_a_refilled_replica_keeps_each_rows_expiry() -> None:
     spec = dataclasses.replace(base, tables=(dataclasses.replace(table, config=cfg),))
     keys = np.arange(1, 1001, dtype=np.uint64)
     with LocalCluster(spec) as c:
-        c.start()
+        c.start(timeout_s=300)
         with PSClient(spec, transports=("tcp",), timeout_s=10.0) as w:
             w.assign("emb", keys, _rows(keys))
             written = time.time()
