@@ -129,7 +129,7 @@ def test_a_path_that_falls_back_to_tcp_fails_its_label() -> None:
         cluster.start()
         load_rows(spec, node, 1000, 64, transports=("tcp",))
         make = functools.partial(make_ps_client, str(cluster.spec_path), "shm", node)
-        res = run_clients(make, clients=1, seconds=0.2, keys=1000, batch=64, warmup_s=0.0)
+        res = run_clients(make, clients=1, seconds=0.2, keys=1000, batch=64, warmup_s=0.0, inline=True)
     assert res.by_transport == {"tcp": res.calls}
     with pytest.raises(WrongPath, match="shm"):
         _assert_path("shm", res)
