@@ -70,9 +70,11 @@ _INLINE_KEYS = 16_384
 _MAX_QUEUE = 1024  # requests handed to workers and not yet answered; beyond it: OVERLOADED
 _SYNC_ROWS = 32_768  # rows per EXPORT chunk when filling from a peer (16 MiB at dim 64 + Adagrad)
 _FILL_TIMEOUT_S = 5.0  # one EXPORT's patience; a paused peer is waited for, then asked again
-# A master loop that did not run this long (its poll waits at most 0.1 s) was frozen past
-# the point where a client gives up on a request (0.5 s) and acknowledges a write without it.
-_FROZEN_S = 0.45
+# A master loop that did not run this long (its poll waits at most 0.1 s) was frozen (SIGSTOP,
+# a paused VM) past the point where a client gives up on a request (0.5 s) and acknowledges a
+# write without it. A writer's next write shows the gap anyway; this catches a pause after a
+# writer's last write. Set well above 0.5 s: on a starved host a false alarm costs a refill.
+_FROZEN_S = 1.0
 _FILL_RETRY_S = 0.2  # pause between two tries at filling (no peer reachable, or all filling)
 
 
