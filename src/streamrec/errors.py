@@ -174,7 +174,7 @@ class NonFiniteValues(StoreError):
 
     def __init__(self, *, rows: int, first_key: int, what: str = "values") -> None:
         super().__init__(
-            f"{rows} row(s) of {what} are not finite in the table's dtype (first key {first_key}); "
+            f"{what}: {rows} row(s) not finite in the table's dtype (first key {first_key}); "
             "nothing was written (nonfinite=\"skip\" drops such rows instead)"
         )
         self.rows = rows
