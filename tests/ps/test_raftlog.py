@@ -16,6 +16,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tarfile
 import threading
 import time
 from collections.abc import Iterator
@@ -28,21 +29,26 @@ import pytest
 import zmq
 
 from streamrec.errors import ConfigError, CorruptFile
-from streamrec.ps.raftlog import Op, RaftLogConfig, decode_entry, encode_entry
+from streamrec.ps.raftlog import Op, RaftLogConfig, decode_entry, encode_entry, wipe
 
 DIM = 4
 N_KEYS = 400
 
 _NODE = r"""
-import pickle, sys, time, zmq, numpy as np
+import os, pickle, sys, zmq, numpy as np
 from streamrec.store import EmbeddingTable
 from streamrec.config import Initializer
 from streamrec.ps.raftlog import BatchLog, NotLeader, Op, RaftLogConfig, ReplicationError
-me, peers, ctl_port, data_dir, snap_every = sys.argv[1], sys.argv[2].split(","), int(sys.argv[3]), sys.argv[4], int(sys.argv[5])
+me, peers, ctl_port, data_dir = sys.argv[1], sys.argv[2].split(","), int(sys.argv[3]), sys.argv[4]
+snap_every, dim, n_keys = (int(x) for x in sys.argv[5:8])
 # generous timeouts: the test host is shared and starved CPUs delay heartbeats
 cfg = RaftLogConfig(snapshot_min_entries=snap_every, election_timeout_s=(1.0, 2.5), heartbeat_s=0.1)
-log = BatchLog(me, peers, lambda: EmbeddingTable(dim=%d, capacity=1024, initializer=Initializer(kind="zeros")),
-               data_dir, cfg)
+def make():
+    return EmbeddingTable(dim=dim, capacity=1024, initializer=Initializer(kind="zeros"))
+def corrupt(exc):
+    print("corrupt:", exc, file=sys.stderr, flush=True)
+    os._exit(3)  # the owner wipes this member and restarts it
+log = BatchLog(me, peers, make, data_dir, cfg, on_corrupt=corrupt)
 rep = zmq.Context().socket(zmq.REP)
 rep.bind(f"tcp://127.0.0.1:{ctl_port}")
 while True:
@@ -56,10 +62,8 @@ while True:
             ack = log.submit(Op(op), keys, values, writer=writer, seq=seq, lr=lr, timeout=2.0)
             out = ("ok", ack.index, ack.applied)
         elif kind == "dump":
-            t = log.table
-            ks = np.arange(%d + 1, dtype=np.uint64)
-            vals, found = t.find(ks)
-            out = ("ok", vals, found, log.high_water(), log.applied_index)
+            vals, found = log.table.find(np.arange(n_keys + 1, dtype=np.uint64))
+            out = ("ok", vals, found, log.high_water(), log.applied_index, log.getStatus()["log_len"])
         else:
             out = ("error", f"unknown {kind}")
     except NotLeader as e:
@@ -67,7 +71,7 @@ while True:
     except ReplicationError as e:
         out = ("error", e.reason)
     rep.send(pickle.dumps(out))
-""" % (DIM, N_KEYS)
+"""
 
 
 def _free_ports(n: int) -> list[int]:
@@ -98,7 +102,7 @@ class Group:
         peers = ",".join(a for j, a in enumerate(self.addrs) if j != i)
         self.procs[i] = subprocess.Popen(
             [sys.executable, "-c", _NODE, self.addrs[i], peers, str(self.ctl[i]), str(self.root / f"m{i}"),
-             str(self.snap_every)], stderr=subprocess.DEVNULL)
+             str(self.snap_every), str(DIM), str(N_KEYS)], stderr=subprocess.DEVNULL)
 
     def signal(self, i: int, sig: int) -> None:
         proc = self.procs[i]
@@ -162,11 +166,12 @@ class Group:
             target = live[(live.index(target) + 1) % len(live)] if target in live else live[0]
         return False
 
-    def dump(self, i: int) -> tuple[np.ndarray, np.ndarray, dict[int, int], int]:
+    def dump(self, i: int) -> tuple[np.ndarray, np.ndarray, dict[int, int], int, int]:
+        """(values, found, high-water map, applied index, log entries kept) of member i."""
         out = self.call(i, ("dump",), 10.0)
         assert out is not None and out[0] == "ok"
-        vals, found, high, applied = out[1:]
-        return vals, found, high, applied
+        vals, found, high, applied, log_len = out[1:]
+        return vals, found, high, applied, log_len
 
     def close(self) -> None:
         for i in self.live():
@@ -214,7 +219,7 @@ def check_exactly_once(g: Group, acked: list[int], members: list[int]) -> None:
         time.sleep(0.2)
     assert len({d[3] for d in dumps}) == 1, f"applied indexes differ: {[d[3] for d in dumps]}"
     first = dumps[0][0]
-    for vals, found, high, _ in dumps:
+    for vals, found, high, _, _ in dumps:
         assert found.all()
         np.testing.assert_array_equal(vals, first)  # no divergence
         counts = vals[:, 0]
@@ -306,7 +311,55 @@ def test_all_members_restarted_lose_nothing(tmp_path: Path) -> None:
         for i in range(3):
             g.start(i)
         g.leader()
-        assert any((tmp_path / f"m{i}" / "raft.dump").exists() for i in range(3))
+        assert all((tmp_path / f"m{i}" / "raft.dump").exists() for i in range(3))
         acked += stream(g, range(150, 170))
+        check_exactly_once(g, acked, [0, 1, 2])
+        for i in range(3):  # the log was truncated behind the snapshot: the rest came from the snapshot
+            _, _, _, applied, log_len = g.dump(i)
+            assert log_len < applied - 100
+
+
+def _flip_in_snapshot(path: Path) -> None:
+    """Flip a byte in the middle of the largest file of the snapshot (the table's rows)."""
+    with tarfile.open(path) as tar:
+        big = max(tar.getmembers(), key=lambda m: m.size)
+        at = big.offset_data + big.size // 2
+    data = bytearray(path.read_bytes())
+    data[at] ^= 0x10
+    path.write_bytes(bytes(data))
+
+
+def _flip_in_last_entry(path: Path) -> None:
+    """Change one gradient of the last batch in the journal (-1.0 becomes -0.5); the framing stays valid."""
+    data = bytearray(path.read_bytes())
+    at = data.rfind(np.float32(-1.0).tobytes())
+    assert at > 0
+    data[at:at + 4] = np.float32(-0.5).tobytes()
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("what", ["snapshot", "entry"])
+def test_corruption_is_detected_and_the_member_resyncs(tmp_path: Path, what: str) -> None:
+    # a snapshot to corrupt, or every entry still in the journal to replay on restart
+    with group(tmp_path, snap_every=30 if what == "snapshot" else 5000) as g:
+        g.leader()
+        setup_rows(g)
+        acked = stream(g, range(2, 100))
+        victim = next(i for i in range(3) if i != g.leader())
+        g.signal(victim, signal.SIGKILL)
+        home = tmp_path / f"m{victim}"
+        if what == "snapshot":
+            _flip_in_snapshot(home / "raft.dump")
+        else:
+            _flip_in_last_entry(home / "raft.journal")
+        g.start(victim)
+        proc = g.procs[victim]
+        assert proc is not None
+        assert proc.wait(timeout=120) == 3  # it found the corruption and stopped rather than diverge
+        g.procs[victim] = None
+        wipe(home)
+        g.start(victim)  # re-syncs from the leader: snapshot transfer, then the log
+        acked += stream(g, range(100, 120))
         check_exactly_once(g, acked, [0, 1, 2])
 
