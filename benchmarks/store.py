@@ -25,7 +25,8 @@ What it measures (one thread, dim 64 float32, batches of 4096 random keys):
 - ``gather_huge_over_4k``: the ceiling's gather over the table's arena (2 MiB
   pages asked for with ``MADV_HUGEPAGE``) over the same gather from a copy of
   the same rows in a plain numpy array (4 KiB pages where transparent huge
-  pages are in ``madvise`` mode; ``thp_mode`` says which mode the run had).
+  pages are in ``madvise`` mode; ``thp_mode`` says which mode the run had), at
+  the first size only.
 
 How answers are verified (a wrong row fails the run with ``Wrong``): every row
 inserted is ``key_values(key)`` (``_common``: a pure function of the key whose
