@@ -29,6 +29,9 @@ from streamrec.cluster.spec import ClusterSpec
 from streamrec.errors import TransportError
 from streamrec.ps.client import PSClient, WriteAck
 from streamrec.ps.local import LocalCluster, loopback_spec
+from streamrec.ps.service import FILLING
+from streamrec.transport.frames import Frame, Kind, Status
+from streamrec.transport.tcp import TcpConnection
 
 _DIM = 8
 _A, _B = "z1n1", "z2n1"
@@ -230,6 +233,55 @@ def test_a_paused_replica_that_missed_writes_refills(cluster: LocalCluster) -> N
     cluster.kill(_A)
     cluster.start([_A])
     assert _check_everywhere(cluster, w.acked) == {_A: 0, _B: 0}
+
+
+def _assign_at(cluster: LocalCluster, node: str, client: int, seq: int, keys: np.ndarray,
+               version: int) -> int:
+    """One client-replicated write sent to ``node`` alone, as a client whose copy to the other
+    replica was lost would have sent it; the reply's aux (``FILLING`` from a filling replica)."""
+    frame = Frame(Kind.ASSIGN, [keys, _rows(keys, version)], request_id=client << 32 | seq, table=0,
+                  shard=0, aux=seq << 1)
+    with TcpConnection(cluster.spec.node(node).address) as conn:
+        reply = conn.request(frame, 10.0)
+    assert reply.status == Status.OK, reply.text()
+    return reply.aux
+
+
+def test_a_replica_that_sees_a_gap_in_a_writers_sequence_refills(cluster: LocalCluster) -> None:
+    """A write acknowledged by A alone (B's copy lost) must reach B: B sees the gap at the
+    writer's next write and refills, so A's later loss loses nothing."""
+    _both_up(cluster)
+    keys = np.arange(40_000_000, 40_000_008, dtype=np.uint64)
+    client = 0x5EED
+    assert [_assign_at(cluster, node, client, 1, keys[:4], 1) for node in (_A, _B)] == [0, 0]
+    assert _assign_at(cluster, _A, client, 2, keys[4:], 2) == 0  # B never hears of write 2
+    assert _assign_at(cluster, _A, client, 3, keys[:4], 3) == 0
+    assert _assign_at(cluster, _B, client, 3, keys[:4], 3) == FILLING  # B saw the gap: filling again
+    cluster.wait_ready(_B, 60)
+    cluster.kill(_A)
+    cluster.start([_A])
+    want = dict.fromkeys(keys[:4].tolist(), 3) | dict.fromkeys(keys[4:].tolist(), 2)
+    assert _check_everywhere(cluster, want) == {_A: 0, _B: 0}
+
+
+def test_a_replica_paused_past_a_writers_last_write_refills(cluster: LocalCluster) -> None:
+    """B is paused for 1.5 s, and a write acknowledged by A alone meanwhile is that writer's
+    last: no later write shows B the gap, so B must see that it was frozen and refill."""
+    _both_up(cluster)
+    keys = np.arange(50_000_000, 50_000_008, dtype=np.uint64)
+    pid = cluster.pid(_B)
+    assert pid is not None
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        _assign_at(cluster, _A, 0x5EEE, 1, keys, 1)
+        time.sleep(1.5)
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    time.sleep(0.5)
+    cluster.wait_ready(_B, 60)
+    cluster.kill(_A)
+    cluster.start([_A])
+    assert _check_everywhere(cluster, dict.fromkeys(keys.tolist(), 1)) == {_A: 0, _B: 0}
 
 
 def test_a_write_only_client_follows_a_restart_onto_shared_memory(cluster: LocalCluster) -> None:
