@@ -235,3 +235,26 @@ def test_files_without_a_hash_key_are_refused(tmp_path) -> None:
     (tmp_path / "live" / "TABLE.json").write_text(json.dumps(meta))
     with pytest.raises(SnapshotError, match="hash key missing"):
         EmbeddingTable.open(tmp_path / "live")
+
+
+# -- the sequence store's user index ----------------------------------------------------------
+
+
+def test_sequence_store_keys_its_user_index_and_refuses_crafted_ids(tmp_path) -> None:
+    from streamrec.store import SequenceStore
+
+    s = SequenceStore(max_len=8, huge_pages=False)
+    assert s._hash_key.tolist() != SequenceStore(max_len=8, huge_pages=False)._hash_key.tolist()
+    buckets = s._index.buckets
+    plain = crafted_unkeyed(30)  # ordinary ids to this store (few: the crafted ones must fail below 0.05)
+    s.append(plain, plain, np.zeros(30, np.uint8), np.arange(30))
+    assert (s.length(plain) == 1).all() and s._index.buckets == buckets
+    bad = crafted_keyed(tuple(int(x) for x in s._hash_key), buckets, 40)
+    with pytest.raises(IndexGrowthRefused) as info:
+        s.append(bad, bad, np.zeros(40, np.uint8), np.arange(40))
+    p = info.value.position
+    assert info.value.limit == "floor" and 20 <= p <= 24  # appends before the refusal stay (as TableFull)
+    assert s._index.buckets == buckets and (s.length(bad[:p]) == 1).all() and not s.length(bad[p:]).any()
+    s.snapshot(tmp_path / "seq")
+    r = SequenceStore.open(tmp_path / "seq", huge_pages=False)
+    assert r._hash_key.tolist() == s._hash_key.tolist() and (r.length(plain) == 1).all()

@@ -14,8 +14,10 @@ Storage design (memory follows the events held, not users x max_len):
   ("key in row": 12-slot buckets of a tag and a uint32 row number), and grows
   by doubling, rebuilt from the user rows. Freed rows go on a free list. User
   ids are hashed with the store's own SipHash key, drawn at creation and kept
-  in snapshots (``_index`` says why: crafted ids cannot flood it). The
-  growth floor of tables (``TableConfig.min_load_factor``) is not applied here.
+  in snapshots (``_index`` says why: crafted ids cannot flood it). The index
+  never doubles below a load of 0.05 (the tables' growth floor): an append
+  that finds no slot there raises ``IndexGrowthRefused``, the events before
+  it in the batch appended (its ``position``), as ``TableFull`` does.
 - **Size classes.** A user's events are one ring buffer, contiguous per field
   (SoA: item uint64, action uint8/uint16, timestamp int64, one float32 array per
   extra field). Ring capacities come in classes 4, 8, 16, ... doubling up to
@@ -81,7 +83,7 @@ from typing import Any
 
 import numpy as np
 
-from streamrec.errors import CorruptFile, SnapshotError, TableFull
+from streamrec.errors import CorruptFile, IndexGrowthRefused, SnapshotError, TableFull
 from streamrec.store._checks import as_keys
 from streamrec.store._files import read_snapshot, snapshot_info
 from streamrec.store._index import (
@@ -133,6 +135,7 @@ _MIN_CLASS_EVENTS = 1 << 20  # the least per class if the reservation is refused
 _DEFAULT_MAX_USERS = 1 << 30  # user rows reserved (address space only: 32 GiB)
 _MAX_USERS_LIMIT = (1 << 32) - 1  # row numbers are uint32 in the bucket
 _RESERVE_LOAD = 0.9  # capacity_users sizes the index for this load
+_MIN_LOAD_FACTOR = 0.05  # the growth floor, libcuckoo's default (as TableConfig.min_load_factor)
 _LOCK_FREE_TRIES = 3  # ragged reads re-sized this often before taking the writer lock
 _SWEEP_ROWS_PER_EVENT = 2  # expiry sweep: rows visited per appended event...
 _SWEEP_MIN_ROWS = 1024  # ...and at least this many per append call
@@ -485,6 +488,10 @@ class SequenceStore:
                 if status == Status.OK:
                     break
                 if status == Status.INDEX_FULL:
+                    if self.load_factor < _MIN_LOAD_FACTOR:  # crafted ids: never double for them
+                        raise IndexGrowthRefused(table="sequence store", load_factor=self.load_factor,
+                                                 buckets=ix.buckets, limit="floor", floor=_MIN_LOAD_FACTOR,
+                                                 position=int(pos))
                     self._rebuild(ix.buckets * 2)
                     continue
                 raise self._full(Status(status), int(pos))
