@@ -252,16 +252,23 @@ def test_a_replica_that_sees_a_gap_in_a_writers_sequence_refills(cluster: LocalC
     writer's next write and refills, so A's later loss loses nothing."""
     _both_up(cluster)
     keys = np.arange(40_000_000, 40_000_008, dtype=np.uint64)
+    gone = np.arange(40_000_100, 40_000_104, dtype=np.uint64)
     client = 0x5EED
     assert [_assign_at(cluster, node, client, 1, keys[:4], 1) for node in (_A, _B)] == [0, 0]
-    assert _assign_at(cluster, _A, client, 2, keys[4:], 2) == 0  # B never hears of write 2
-    assert _assign_at(cluster, _A, client, 3, keys[:4], 3) == 0
-    assert _assign_at(cluster, _B, client, 3, keys[:4], 3) == FILLING  # B saw the gap: filling again
+    assert [_assign_at(cluster, node, client, 2, gone, 1) for node in (_A, _B)] == [0, 0]
+    assert _assign_at(cluster, _A, client, 3, keys[4:], 2) == 0  # B never hears of writes 3 and 4
+    erase = Frame(Kind.ERASE, [gone], request_id=client << 32 | 4, table=0, shard=0, aux=4 << 1)
+    with TcpConnection(cluster.spec.node(_A).address) as conn:
+        assert conn.request(erase, 10.0).status == Status.OK
+    assert _assign_at(cluster, _A, client, 5, keys[:4], 3) == 0
+    assert _assign_at(cluster, _B, client, 5, keys[:4], 3) == FILLING  # B saw the gap: filling again
     cluster.wait_ready(_B, 60)
     cluster.kill(_A)
     cluster.start([_A])
     want = dict.fromkeys(keys[:4].tolist(), 3) | dict.fromkeys(keys[4:].tolist(), 2)
     assert _check_everywhere(cluster, want) == {_A: 0, _B: 0}
+    with PSClient(cluster.spec, transports=("tcp",)) as c:  # the erase reached B by the refill too
+        assert not any(c.find("emb", gone, node=n)[1].any() for n in (_A, _B))
 
 
 def test_a_replica_paused_past_a_writers_last_write_refills(cluster: LocalCluster) -> None:

@@ -412,6 +412,8 @@ class StorageServer:
 
         start, rows = 0, 0
         aux = EXPORT_TRACK | EXPORT_EXPIRY
+        had_rows = len(rep.table) > 0  # filling again after it missed writes: some may be gone on the peer
+        seen: list[np.ndarray] = []
         while start >= 0:
             reply = ask(aux, start)
             if reply.status == Status.UNAVAILABLE and start == 0:
@@ -419,12 +421,16 @@ class StorageServer:
             _check(reply)
             keys, values, nxt, expires_at = reply.buffers
             rows += self._import(rep, keys, values, expires_at)
+            if had_rows:
+                seen.append(keys.copy())
             start, aux = int(nxt[0]), EXPORT_EXPIRY
         rounds = 0
         while True:  # the keys written on the peer since the copy began, until none is left
             reply = ask(EXPORT_CHANGES)
             _check(reply)
             keys, values, erased, left = reply.buffers
+            if had_rows:
+                seen.append(keys.copy())
             with rep.lock:
                 fresh = _untouched(rep, keys)
                 if fresh.any():
@@ -437,6 +443,8 @@ class StorageServer:
             rounds += 1
         with contextlib.suppress(TransportError):
             ask(EXPORT_END)
+        if had_rows:
+            _drop_unseen(rep, np.concatenate(seen) if seen else np.empty(0, np.uint64))
         log.info("table %d shard %d: filled %d rows from %s, then %d rounds of changes", t, s, rows, peer,
                  rounds)
         return "filled"
@@ -449,6 +457,23 @@ class StorageServer:
                 rep.table.import_chunks([(keys[keep].copy(), values[keep].copy(), expires_at[keep])],
                                         include_state=True)
             return int(np.count_nonzero(keep))
+
+
+def _drop_unseen(rep: ShardReplica, seen: np.ndarray) -> None:
+    """Erase the rows the peer did not send (erased there while this replica lagged),
+    except those live writes wrote since the fill began."""
+    start, mine = 0, []
+    while start >= 0:
+        keys, _, start = rep.table.export_range(start, 65_536)
+        mine.append(keys)
+    local = np.concatenate(mine) if mine else np.empty(0, np.uint64)
+    gone = local[~np.isin(local, seen)]
+    with rep.lock:
+        gone = gone[_untouched(rep, gone)]
+        if gone.size:
+            rep.table.erase(gone)
+            log.info("table %d shard %d: %d rows the peer no longer holds erased", rep.table_index, rep.shard,
+                     gone.size)
 
 
 def _untouched(rep: ShardReplica, keys: np.ndarray) -> np.ndarray:
