@@ -247,15 +247,24 @@ def _warm_kernels(table: EmbeddingTable) -> None:
 
     The first call of a numba kernel in a process compiles it or loads it from
     the cache (seconds on a busy host). In the tick thread that would stall
-    heartbeats past the election timeout and cost the group its leader.
+    heartbeats past the election timeout and cost the group its leader. The
+    arrays come through ``decode_entry``, read-only views as in ``_apply_entry``,
+    since numba specialises on that.
     """
-    keys = np.arange(1, 5, dtype=np.uint64)
     rows = np.zeros((4, table.dim), dtype=np.float32)
-    table.insert_or_assign(keys, rows)
-    table.assign(keys, rows)
-    table.apply_gradients(keys, rows, 0.01)
-    table.find(keys)
-    table.erase(keys)
+    keys = np.arange(1, 5, dtype=np.uint64)
+    for op in (Op.INSERT_OR_ASSIGN, Op.ASSIGN, Op.APPLY_GRADIENTS, Op.ERASE):
+        _, k, v, *_ = decode_entry(encode_entry(op, keys, None if op == Op.ERASE else rows,
+                                                writer=0, seq=0, lr=0.01))
+        if op == Op.INSERT_OR_ASSIGN:
+            table.insert_or_assign(k, v)
+        elif op == Op.ASSIGN:
+            table.assign(k, v)
+        elif op == Op.APPLY_GRADIENTS:
+            table.apply_gradients(k, v, 0.01)
+        else:
+            table.find(k)
+            table.erase(k)
 
 
 def wipe(data_dir: str | os.PathLike[str]) -> None:
@@ -336,6 +345,31 @@ class BatchLog(SyncObj):
                 changed first; the batch may have committed: resubmit it.
             ValueError: bad keys or values.
         """
+        done = threading.Event()
+        box: list[Ack | Exception] = []
+
+        def on_done(result: Ack | Exception) -> None:
+            box.append(result)
+            done.set()
+
+        self.submit_async(op, keys, values, writer=writer, seq=seq, lr=lr, on_done=on_done)
+        if not done.wait(timeout):
+            raise ReplicationError(f"batch (writer {writer}, seq {seq}) not acknowledged within {timeout} s",
+                                   reason="TIMEOUT")
+        if isinstance(box[0], Exception):
+            raise box[0]
+        return box[0]
+
+    def submit_async(self, op: Op, keys: Any, values: Any = None, *, writer: int, seq: int, lr: float = 0.0,
+                     on_done: Callable[[Ack | Exception], None]) -> None:
+        """Append one batch without waiting; ``on_done`` gets its :class:`Ack` or the exception.
+
+        ``on_done`` runs in pysyncobj's tick thread: it must be quick and must
+        not call ``submit``. Errors found before queueing (``NotLeader``, bad
+        input) are raised here instead. Many batches may be in flight: the
+        log keeps their order, so a writer pipelines at the cost of one
+        round of resubmission (in seq order) after a leader change.
+        """
         if self.corrupt is not None:
             raise ReplicationError("this replica found a corrupt entry and must re-sync", reason="CORRUPT")
         if not self._isLeader():
@@ -345,25 +379,20 @@ class BatchLog(SyncObj):
             raise ValueError(f"lr: expected a finite number > 0, got {lr!r}")
         entry = encode_entry(op, np.asarray(keys), None if values is None else np.asarray(values),
                              writer=writer, seq=seq, lr=lr)
-        done = threading.Event()
-        box: list[Any] = [None, None]
 
         def on_result(result: Any, error: int) -> None:
-            box[0], box[1] = result, error
-            done.set()
+            if error == FAIL_REASON.SUCCESS:
+                index, applied, refused = result
+                on_done(Ack(index=index, applied=applied, refused=refused))
+            elif error in (FAIL_REASON.NOT_LEADER, FAIL_REASON.MISSING_LEADER):
+                leader = self._getLeader()
+                on_done(NotLeader(None if leader is None else str(leader.id)))
+            else:
+                name = next((k for k, v in vars(FAIL_REASON).items() if v == error), str(error))
+                on_done(ReplicationError(f"batch (writer {writer}, seq {seq}) not acknowledged: {name}",
+                                         reason=name))
 
         self._applyCommand(self._command(entry), on_result, _REGULAR)
-        if not done.wait(timeout):
-            raise ReplicationError(f"not acknowledged within {timeout} s", reason="TIMEOUT")
-        if box[1] != FAIL_REASON.SUCCESS:
-            name = next((k for k, v in vars(FAIL_REASON).items() if v == box[1]), str(box[1]))
-            if box[1] in (FAIL_REASON.NOT_LEADER, FAIL_REASON.MISSING_LEADER):
-                leader = self._getLeader()
-                raise NotLeader(None if leader is None else str(leader.id))
-            raise ReplicationError(f"batch (writer {writer}, seq {seq}) not acknowledged: {name}",
-                                   reason=name)
-        index, applied, refused = box[0]
-        return Ack(index=index, applied=applied, refused=refused)
 
     def _command(self, entry: bytes) -> bytes:
         # What @replicated would queue, but pickled with protocol 5: pysyncobj pickles
