@@ -741,7 +741,9 @@ class EmbeddingTable(TableFiles):
             if new is None:
                 fresh = keys[~self.contains(keys)]
                 _, first = np.unique(fresh, return_index=True)
-                new = fresh[np.sort(first)]  # distinct, in the order the batch inserts them
+                # Distinct, in the order the batch inserts them; as many as the arena
+                # can take (past them the batch stops with TableFull first).
+                new = fresh[np.sort(first)][: max(self._max_rows - live, 0)]
             at = int(first_unplaceable(self._index.idx64, self._index.idx8, new, *self._hk, self._nodes))
             if at < 0:
                 return
