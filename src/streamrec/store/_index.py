@@ -41,12 +41,12 @@ of 3 alternating runs, a loaded machine): ``find`` on a cache-resident table
 22.9 with the keyed double mix and 28.9 with SipHash-1-3, so about 7 ns per
 key; on 5 M keys of dim 64 (100-150 ns/key, memory-bound) that is under 7 %,
 and the bucket prefetch moved into the hashing pass (``_ops``) won it back.
-The unkeyed ``mix64`` stays for
-what is not the index: the initializer's PRNG (a row's initial values must
-be a function of key and initializer seed alone, equal on every replica and
-after a reopen) and the admission sketch (a crafted collision there only
-admits a key sooner, which sending it again achieves too; it costs no
-memory).
+The unkeyed ``mix64`` stays for what is not the index: the initializer's
+PRNG (a row's initial values must be a function of key and initializer seed
+alone, equal on every replica and after a reopen), the admission sketch (a
+crafted collision there only admits a key sooner, which sending it again
+achieves too; it costs no memory) and ``apply_gradients``' duplicate map
+(it hashes row numbers, which no client chooses).
 
 Growth has a floor (``TableConfig.min_load_factor``, libcuckoo's
 ``minimum_load_factor``) and a ceiling (``max_index_bytes``): an insert that
