@@ -75,6 +75,7 @@ _FILL_TIMEOUT_S = 5.0  # one EXPORT's patience; a paused peer is waited for, the
 # write without it. A writer's next write shows the gap anyway; this catches a pause after a
 # writer's last write. Set well above 0.5 s: on a starved host a false alarm costs a refill.
 _FROZEN_S = 1.0
+_FROZEN_CPU = 0.1  # ... and the process ran for less than this share of that time
 _FILL_RETRY_S = 0.2  # pause between two tries at filling (no peer reachable, or all filling)
 
 
@@ -160,6 +161,7 @@ class StorageServer:
         self._master: threading.Thread | None = None
         self._http: ThreadingHTTPServer | None = None
         self._beat = time.monotonic()
+        self._beat_cpu = time.process_time()
         for (t, s), rep in self.service.replicas.items():
             name = spec.tables[t].name
             self.metrics.rows.labels(name, str(s)).set_function(functools.partial(_rows, rep))
@@ -231,7 +233,7 @@ class StorageServer:
         owner: dict[Any, Endpoint] = {}
         try:
             while not self._stop.is_set():
-                self._beat = time.monotonic()
+                self._beat, self._beat_cpu = time.monotonic(), time.process_time()
                 current = {p: ep for ep in self._endpoints for p in ep.pollables()}
                 for p in owner.keys() - current.keys():
                     poller.unregister(p)
@@ -239,8 +241,11 @@ class StorageServer:
                     poller.register(p, zmq.POLLIN)
                 owner = current
                 events = poller.poll(100)
-                if time.monotonic() - self._beat > _FROZEN_S:
-                    self._frozen(time.monotonic() - self._beat)
+                gap = time.monotonic() - self._beat
+                # Stopped, not busy: a thread holding the GIL (numba compiling a kernel on first
+                # use) also keeps the master from running, but the process spends CPU meanwhile.
+                if gap > _FROZEN_S and time.process_time() - self._beat_cpu < _FROZEN_CPU * gap:
+                    self._frozen(gap)
                 for p, _ in events:
                     if p == self._efd:
                         self._send_done()
