@@ -80,6 +80,7 @@ import numpy as np
 
 from streamrec.cluster import FanoutTree, fanout_tree
 
+KEYS = ("params", "scenarios", "max_s_1000", "target_ratio_1000", "ekko_ratio_1000", "max_s_10000", "plot")
 ROW_BYTES = 8 + 64 * 4  # key + dim-64 float32 row
 SEED_TARGET_S = 10.0
 EKKO_TARGET_S = 2.4
@@ -431,6 +432,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "max_s_1000": max_small, "target_ratio_1000": SEED_TARGET_S / max_small,
         "ekko_ratio_1000": EKKO_TARGET_S / max_small, "max_s_10000": max_big, "plot": plot,
     }
+    assert tuple(figures) == KEYS
     if args.json:
         sys.stdout.write(json.dumps(figures) + "\n")
     return figures

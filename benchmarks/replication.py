@@ -52,6 +52,8 @@ import numpy as np
 from streamrec.ps.raftlog import Ack, BatchLog, Op, RaftLogConfig
 from streamrec.store import EmbeddingTable
 
+KEYS = ("batch_bytes", "rows_per_batch", "none_rows_per_s", "strong_rows_per_s", "strong_over_none",
+        "strong_batches_per_s", "half_rate_batches_per_s", "p50_ms", "p99_ms", "sync_p50_ms", "sync_p99_ms")
 DIM = 64
 BATCH_BYTES = 64 * 1024
 ROWS = BATCH_BYTES // (8 + 4 * DIM)  # 248
@@ -247,6 +249,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
           f"(target <= 20) | one in flight: p50 {figures['sync_p50_ms']:.1f} ms, "
           f"p99 {figures['sync_p99_ms']:.1f} ms | 3 members and the writer share this host's cores",
           file=log_out)
+    assert tuple(figures) == KEYS
     if args.json:
         sys.stdout.write(json.dumps(figures) + "\n")
     return figures
