@@ -9,7 +9,7 @@ records what was acknowledged; a reader reads acknowledged keys back. At the
 end every replica is read directly. Targets: 0 acknowledged writes lost, 0
 wrong rows, 0 failed calls (a ready replica of every shard exists throughout).
 
-About 30-40 s in the default suite (8 s of faults, the rest start-up and recovery);
+About 30 s in the default suite (12 s of faults, the rest start-up and recovery);
 ``-m slow`` runs 120 s of faults.
 """
 
@@ -169,7 +169,7 @@ def _chaos(duration_s: float, seed: int) -> None:
 
 
 def test_chaos_single_replica_faults_lose_nothing() -> None:
-    _chaos(8.0, seed=1)  # plus start-up and the waits for readiness: about 30-40 s in all
+    _chaos(12.0, seed=1)  # plus start-up and the waits for readiness: about 30 s in all
 
 
 @pytest.mark.slow
