@@ -8,9 +8,12 @@ truncate the log, and the read rules. The consensus itself (elections, log
 matching, commit by majority, snapshot transfer to lagging followers, the
 mmapped journal) is pysyncobj 0.3.17's; this module writes none of it.
 
-Entries. An entry is one update batch: op, writer id, seq, learning rate, the
-keys (B,) uint64 and values or gradients (B, D) as raw bytes, and a CRC32 of
-the whole entry. Every replica applies the same entries in the same order, so
+Entries. A batch record is one whole update batch: op, writer id, seq,
+learning rate, the keys (B,) uint64 and values or gradients (B, D) as raw
+bytes, and a CRC32 of the whole record. A log entry carries one or more
+records: batches submitted while earlier entries are committing travel
+together (group commit, bounded by ``group_bytes``), so pysyncobj's per-entry
+cost is paid once per group. Every replica applies the same entries in the same order, so
 tables stay identical; a replica whose copy of an entry fails its CRC stops
 applying (``corrupt`` is set and ``on_corrupt`` called) rather than diverge; its
 owner wipes it (:func:`wipe`) and restarts it, and it re-syncs from the
@@ -185,6 +188,12 @@ class RaftLogConfig:
         snapshot_min_time_s: at most this long between snapshots when entries
             arrive; default 300 (pysyncobj's).
         max_writers: writers remembered for idempotence; default 65,536 (a few MB).
+        group_bytes: group commit: batches waiting while ``group_in_flight``
+            log entries are uncommitted travel together in the next entry, up
+            to this many bytes; default 1 MiB (16 batches of 64 KiB).
+        group_in_flight: log entries of grouped batches in flight at once;
+            default 1: pysyncobj re-sends every unacknowledged entry on each append, so one
+            entry in flight keeps that re-sending at one entry.
         journal: keep the log in an mmapped journal file in ``data_dir``; default
             True (False: memory only, for tests of a single process).
     """
@@ -197,6 +206,8 @@ class RaftLogConfig:
     snapshot_min_entries: int = 5_000
     snapshot_min_time_s: float = 300.0
     max_writers: int = 65_536
+    group_bytes: int = 1 << 20
+    group_in_flight: int = 1
     journal: bool = True
 
     def __post_init__(self) -> None:
@@ -209,7 +220,7 @@ class RaftLogConfig:
                               f"got {self.heartbeat_s}", field="heartbeat_s")
         if self.snapshot_min_entries < 2:
             raise ConfigError(f"expected >= 2, got {self.snapshot_min_entries}", field="snapshot_min_entries")
-        for name in ("append_batch_bytes", "queue_size", "max_writers"):
+        for name in ("append_batch_bytes", "queue_size", "max_writers", "group_bytes", "group_in_flight"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"expected >= 1, got {getattr(self, name)}", field=name)
 
@@ -263,7 +274,7 @@ def _warm_kernels(table: EmbeddingTable) -> None:
     The first call of a numba kernel in a process compiles it or loads it from
     the cache (seconds on a busy host). In the tick thread that would stall
     heartbeats past the election timeout and cost the group its leader. The
-    arrays come through ``decode_entry``, read-only views as in ``_apply_entry``,
+    arrays come through ``decode_entry``, read-only views as in ``_apply_entries``,
     since numba specialises on that.
     """
     rows = np.zeros((4, table.dim), dtype=np.float32)
@@ -329,6 +340,9 @@ class BatchLog(SyncObj):
         self._high: OrderedDict[int, int] = OrderedDict()   # writer -> highest seq applied (replicated)
         self._applied_index = 0
         self._on_corrupt = on_corrupt
+        self._group_lock = threading.Lock()
+        self._waiting: list[tuple[bytes, Callable[[Ack | Exception], None]]] = []
+        self._entries_in_flight = 0
         self.corrupt: Exception | None = None
         self._fresh_at = 0.0   # monotonic time at which this replica last held all the leader had committed
         conf = SyncObjConf(
@@ -394,32 +408,59 @@ class BatchLog(SyncObj):
             raise ValueError(f"lr: expected a finite number > 0, got {lr!r}")
         entry = encode_entry(op, np.asarray(keys), None if values is None else np.asarray(values),
                              writer=writer, seq=seq, lr=lr)
+        with self._group_lock:
+            self._waiting.append((entry, on_done))
+            if self._entries_in_flight < self._cfg.group_in_flight:
+                self._send_group_locked()
+
+    def _send_group_locked(self) -> None:
+        # Group commit: the batches that queued up while earlier entries were committing
+        # share one log entry, so per-entry costs (pysyncobj's pure-Python append,
+        # messages, journal) are paid once per group, and an idle log adds no wait.
+        # REQUIRES: self._group_lock held, self._waiting not empty.
+        size, n = 0, 0
+        while n < len(self._waiting) and (n == 0 or size + len(self._waiting[n][0]) <= self._cfg.group_bytes):
+            size += len(self._waiting[n][0])
+            n += 1
+        group, self._waiting = self._waiting[:n], self._waiting[n:]
+        self._entries_in_flight += 1
 
         def on_result(result: Any, error: int) -> None:
+            # pysyncobj's tick thread: answer every batch of the group, then send the next group
             if error == FAIL_REASON.SUCCESS:
-                index, applied, refused = result
-                on_done(Ack(index=index, applied=applied, refused=refused))
-            elif error in (FAIL_REASON.NOT_LEADER, FAIL_REASON.MISSING_LEADER):
-                leader = self._getLeader()
-                on_done(NotLeader(None if leader is None else str(leader.id)))
+                outcomes: list[Ack | Exception] = [Ack(index=i, applied=a, refused=r) for i, a, r in result]
             else:
-                name = next((k for k, v in vars(FAIL_REASON).items() if v == error), str(error))
-                on_done(ReplicationError(f"batch (writer {writer}, seq {seq}) not acknowledged: {name}",
-                                         reason=name))
+                exc: Exception
+                if error in (FAIL_REASON.NOT_LEADER, FAIL_REASON.MISSING_LEADER):
+                    leader = self._getLeader()
+                    exc = NotLeader(None if leader is None else str(leader.id))
+                else:
+                    name = next((k for k, v in vars(FAIL_REASON).items() if v == error), str(error))
+                    exc = ReplicationError(f"{len(group)} batches not acknowledged: {name}", reason=name)
+                outcomes = [exc] * len(group)
+            for (_, done), outcome in zip(group, outcomes, strict=True):
+                done(outcome)
+            with self._group_lock:
+                self._entries_in_flight -= 1
+                if self._waiting:
+                    self._send_group_locked()
 
-        self._applyCommand(self._command(entry), on_result, _REGULAR)
+        self._applyCommand(self._command([e for e, _ in group]), on_result, _REGULAR)
 
-    def _command(self, entry: bytes) -> bytes:
+    def _command(self, entries: list[bytes]) -> bytes:
         # What @replicated would queue, but pickled with protocol 5: pysyncobj pickles
         # with protocol 2, which stores bytes as latin-1 text (about 1.5x the size of
         # float data, and slow); its apply side unpickles any protocol.
-        func_id = self._methodToID[self._getFuncName("_apply_entry")]
-        return pickle.dumps((func_id, (entry,)), protocol=5)
+        func_id = self._methodToID[self._getFuncName("_apply_entries")]
+        return pickle.dumps((func_id, (entries,)), protocol=5)
 
     @replicated
-    def _apply_entry(self, entry: bytes) -> tuple[int, bool, str | None]:
+    def _apply_entries(self, entries: list[bytes]) -> list[tuple[int, bool, str | None]]:
         # runs on every replica, in log order, in the tick thread: it must not raise
         index = self.raftLastApplied + 1
+        return [self._apply_entry(index, e) for e in entries]
+
+    def _apply_entry(self, index: int, entry: bytes) -> tuple[int, bool, str | None]:
         if self.corrupt is not None:
             return index, False, None
         try:
