@@ -133,8 +133,9 @@ class NodeLink:
 
     # -- opening and dropping ---------------------------------------------------------------
 
-    def connection(self, name: str) -> Connection:
-        """The open connection for transport ``name``, opening it if needed.
+    def connection(self, name: str, *, force: bool = False) -> Connection:
+        """The open connection for transport ``name``, opening it if needed (``force``: even
+        if it failed a moment ago, for a call with nowhere else to go).
 
         Raises:
             PeerUnavailable: it cannot be opened now.
@@ -142,7 +143,7 @@ class NodeLink:
         conn = self._conns.get(name)
         if conn is not None:
             return conn
-        if self._blocked_until.get(name, 0.0) > time.monotonic():
+        if not force and self._blocked_until.get(name, 0.0) > time.monotonic():
             raise PeerUnavailable("recently failed", peer=self.node.name, transport=name)
         try:
             conn = self._open(name)

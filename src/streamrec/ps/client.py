@@ -524,14 +524,17 @@ class PSClient:
             if c.transport == "one_sided":
                 one_sided.append(c)
                 return True
-            if link.blocked(c.transport):
+            last_resort = c.read and not (c.transports or c.candidates)
+            if link.blocked(c.transport) and not last_resort:
                 # Failed a moment ago: skip it, and do not renew its block (a renewed block would
-                # keep a restarted node from seeing writes for as long as writes keep coming).
+                # keep a restarted node from seeing writes for as long as writes keep coming; a
+                # replica that misses a write this way sees the gap and refills). A read with
+                # nowhere else to go tries it for real rather than fail untried.
                 c.last_error = PeerUnavailable("recently failed", peer=c.node, transport=c.transport)
                 self._count_retry(c)
                 continue
             try:
-                c.conn = link.connection(c.transport)
+                c.conn = link.connection(c.transport, force=last_resort)
                 c.frame.deadline_us = max(1, int(max(deadline - c.sent_at, 0) * 1e6))
                 c.conn.send(c.frame)
             except (TransportError, ValueError) as exc:
