@@ -40,7 +40,7 @@ of 3 alternating runs, a loaded machine): ``find`` on a cache-resident table
 (10 k keys, dim 4, batches of 4096) took 21.9 ns/key with the unkeyed hash,
 22.9 with the keyed double mix and 28.9 with SipHash-1-3, so about 7 ns per
 key; on 5 M keys of dim 64 (100-150 ns/key, memory-bound) that is under 7 %,
-and the bucket prefetch moved into the hashing pass (``_ops``) won it back.
+inside this machine's noise there (``_ops.find_batch`` has the figures).
 The unkeyed ``mix64`` stays for what is not the index: the initializer's
 PRNG (a row's initial values must be a function of key and initializer seed
 alone, equal on every replica and after a reopen), the admission sketch (a

@@ -7,7 +7,7 @@ kernels return a ``Status`` code, never raise.
 
 Lookups run in groups of ``GROUP`` keys and three passes per group, so the
 memory accesses of a group overlap instead of following one another: (A) hash
-every key and prefetch its first bucket line; (B) read the buckets' versions, match
+every key and prefetch both bucket lines; (B) read the buckets' versions, match
 tags, and prefetch the candidate row's lines; (C) check the row's key, copy the
 embedding, and re-read the versions. A key whose versions moved, whose first
 candidate was a false tag match, or whose bucket was locked is redone on the
@@ -114,7 +114,7 @@ _OK, _STALE, _INDEX_FULL, _ARENA_FULL, _BUSY = 0, 1, 2, 3, 4
 
 GROUP = 16  # keys hashed and prefetched together by writers
 CHUNK = 512  # keys per round of passes: their bucket lines stay in L2 until validated
-PROBE_AHEAD = 16  # second-bucket prefetch distance, in keys (first buckets: all, while hashing)
+PROBE_AHEAD = 16  # bucket prefetch distance of the probe pass, in keys
 AHEAD = 8  # row prefetch distance of the copy pass, in keys
 _SPIN = 1 << 16  # single-key retries before reporting BUSY
 _LINE_BYTES = 64
@@ -186,11 +186,9 @@ def find_batch(
     """Look up ``keys``; copy embeddings of present keys into ``out`` (zeros if absent).
 
     Works through the batch in chunks of ``CHUNK`` keys, four passes per chunk,
-    so the misses of different keys overlap: hash every key and prefetch its
-    first bucket at once (the keyed hash takes about 7 ns a key, so each
-    prefetch has the rest of the chunk's hashing to land: a chunk's 512 bucket
-    lines, 32 KiB, wait in L1/L2); probe every key's first bucket; probe the
-    second bucket of the keys not found in their first (inserts try the first bucket first, so
+    each prefetching a fixed distance ahead so the misses of different keys
+    overlap: hash; probe every key's first bucket; probe the second bucket of
+    the keys not found in their first (inserts try the first bucket first, so
     at load 0.8 that is about 5 % of present keys); copy each row and re-read
     the versions its probe saw. A key found in one bucket needs only that
     bucket's version to be unchanged (the key sat there, and any write to its
@@ -201,11 +199,12 @@ def find_batch(
     ``python benchmarks/store.py --quick`` on kernel variants while writing
     commit f55799c, 5 M keys, dim 64; the variants are gone): this order ran
     about 1.2x probing both buckets at once, and 1.3x a fused loop that probes
-    ahead while it copies. Prefetching every first bucket while hashing,
-    instead of 16 keys ahead in the probe pass, raised find over the gather
-    ceiling from 0.51 to 0.56 (medians of 3 alternating runs, 2026-12-03,
-    5 M keys, dim 64, thread CPU time, on a loaded 2-core VM), 0.54 with the
-    row prefetch distance also raised from 8 to 16 (so it stays 8).
+    ahead while it copies. Tried 2026-12-03 (5 M keys, dim 64, thread CPU
+    time, alternating runs on a 2-core VM under load 4-9, variants gone):
+    prefetching every first bucket while hashing instead of ``PROBE_AHEAD``
+    keys ahead won 0.56 vs 0.51 of the gather ceiling in one series and lost
+    0.46 vs 0.51-0.58 in the next; the row distance ``AHEAD`` 16 instead of 8
+    was no better. Neither was kept: the noise is larger than either effect.
 
     A row whose TTL has passed reads as absent. With ``copy`` (a real read, not
     a membership test) each row found is marked accessed for the eviction policy.
@@ -243,9 +242,12 @@ def find_batch(
             b1s[j] = b1
             b2s[j] = alt_bucket(b1, t, mask)
             tags[j] = t
-            prefetch(idx64, b1)
+            if j < PROBE_AHEAD:
+                prefetch(idx64, b1)
         nm = 0
         for j in range(c):  # first buckets
+            if j + PROBE_AHEAD < c:
+                prefetch(idx64, b1s[j + PROBE_AHEAD])
             b1 = b1s[j]
             v1 = load_acquire(idx32, b1, VER)
             v1s[j] = v1
