@@ -7,17 +7,22 @@ The tree::
 
     StreamrecError                  base of everything below
     ├── ConfigError(ValueError)     a config value or file is wrong; names the field
-    └── StoreError                  a table or store cannot do what was asked
-        ├── TableFull               no row or index room left; carries the counts
-        ├── TableBusy               a bucket stayed locked past the reader's patience
-        ├── IndexGrowthRefused      an insert would grow the index below its load
-        │                           floor or past its ceiling (hash flooding);
-        │                           carries table, load factor, buckets
-        ├── NonFiniteValues         a write carried NaN or infinity (or would store
-        │                           one); carries the row count and the first key
+    ├── StoreError                  a table or store cannot do what was asked
+    │   ├── TableFull               no row or index room left; carries the counts
+    │   ├── TableBusy               a bucket stayed locked past the reader's patience
+    │   ├── IndexGrowthRefused      an insert would grow the index below its load
+    │   │                           floor or past its ceiling (hash flooding);
+    │   │                           carries table, load factor, buckets
+    │   ├── NonFiniteValues         a write carried NaN or infinity (or would store
+    │   │                           one); carries the row count and the first key
     │   └── SnapshotError           a table's files cannot be written or trusted
     │       └── CorruptFile         a file is torn, truncated or fails its checksum;
     │                               names the file and the problem
+    ├── ReplicationError            a replicated batch was not acknowledged; carries
+    │   │                           the reason (resubmit with the same writer/seq)
+    │   └── NotLeader               this replica does not lead its group; carries
+    │                               the leader's address, or None during an election
+    ├── TooStale                    a follower read would exceed its staleness bound
     └── TransportError              moving a frame to or from a peer failed
         ├── FrameError              a frame is malformed, truncated or oversized;
         │                           carries the status code to answer with
@@ -44,13 +49,16 @@ __all__ = [
     "FrameError",
     "IndexGrowthRefused",
     "NonFiniteValues",
+    "NotLeader",
     "PeerUnavailable",
     "RemoteError",
+    "ReplicationError",
     "SnapshotError",
     "StoreError",
     "StreamrecError",
     "TableBusy",
     "TableFull",
+    "TooStale",
     "TransportError",
 ]
 
@@ -207,6 +215,35 @@ class CorruptFile(SnapshotError):
     def __init__(self, *, path: str, problem: str) -> None:
         super().__init__(f"corrupt file: {problem}", path=path)
         self.problem = problem
+
+
+class ReplicationError(StreamrecError):
+    """A batch could not be acknowledged; ``reason`` is pysyncobj's FAIL_REASON name (or 'TIMEOUT').
+
+    The batch may or may not have committed: resubmit it with the same (writer, seq).
+    """
+
+    def __init__(self, message: str, *, reason: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+class NotLeader(ReplicationError):
+    """This replica is not the group's leader; ``leader`` is its address, or None during an election."""
+
+    def __init__(self, leader: str | None) -> None:
+        super().__init__(f"not the leader; the leader is {leader or 'unknown (election)'}",
+                         reason="NOT_LEADER")
+        self.leader = leader
+
+
+class TooStale(StreamrecError):
+    """A follower read would be staler than allowed; ``staleness_s`` is how stale this replica is."""
+
+    def __init__(self, staleness_s: float, max_staleness_s: float) -> None:
+        super().__init__(f"replica is {staleness_s:.3f} s stale, more than {max_staleness_s:.3f} s")
+        self.staleness_s = staleness_s
+        self.max_staleness_s = max_staleness_s
 
 
 class TransportError(StreamrecError):

@@ -38,7 +38,8 @@ _NODE = r"""
 import os, pickle, sys, zmq, numpy as np
 from streamrec.store import EmbeddingTable
 from streamrec.config import Initializer
-from streamrec.ps.raftlog import BatchLog, NotLeader, Op, RaftLogConfig, ReplicationError
+from streamrec.errors import NotLeader, ReplicationError
+from streamrec.ps.raftlog import BatchLog, Op, RaftLogConfig
 me, peers, ctl_port, data_dir = sys.argv[1], sys.argv[2].split(","), int(sys.argv[3]), sys.argv[4]
 snap_every, dim, n_keys = (int(x) for x in sys.argv[5:8])
 # generous timeouts: the test host is shared and starved CPUs delay heartbeats

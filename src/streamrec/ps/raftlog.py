@@ -79,17 +79,14 @@ import pysyncobj.tcp_connection as _pysyncobj_tcp
 from pysyncobj import FAIL_REASON, SyncObj, SyncObjConf, replicated
 from pysyncobj import pickle as _pysyncobj_pickle
 
-from streamrec.errors import ConfigError, CorruptFile, StoreError, StreamrecError
+from streamrec.errors import ConfigError, CorruptFile, NotLeader, ReplicationError, StoreError, TooStale
 from streamrec.store import EmbeddingTable
 
 __all__ = [
     "Ack",
     "BatchLog",
-    "NotLeader",
     "Op",
     "RaftLogConfig",
-    "ReplicationError",
-    "TooStale",
     "decode_entry",
     "encode_entry",
     "wipe",
@@ -122,35 +119,6 @@ class Op(enum.IntEnum):
     ASSIGN = 2
     APPLY_GRADIENTS = 3
     ERASE = 4
-
-
-class ReplicationError(StreamrecError):
-    """A batch could not be acknowledged; ``reason`` is pysyncobj's FAIL_REASON name (or 'TIMEOUT').
-
-    The batch may or may not have committed: resubmit it with the same (writer, seq).
-    """
-
-    def __init__(self, message: str, *, reason: str) -> None:
-        super().__init__(message)
-        self.reason = reason
-
-
-class NotLeader(ReplicationError):
-    """This replica is not the group's leader; ``leader`` is its address, or None during an election."""
-
-    def __init__(self, leader: str | None) -> None:
-        super().__init__(f"not the leader; the leader is {leader or 'unknown (election)'}",
-                         reason="NOT_LEADER")
-        self.leader = leader
-
-
-class TooStale(StreamrecError):
-    """A follower read would be staler than allowed; ``staleness_s`` is how stale this replica is."""
-
-    def __init__(self, staleness_s: float, max_staleness_s: float) -> None:
-        super().__init__(f"replica is {staleness_s:.3f} s stale, more than {max_staleness_s:.3f} s")
-        self.staleness_s = staleness_s
-        self.max_staleness_s = max_staleness_s
 
 
 @dataclass(frozen=True)
