@@ -269,7 +269,7 @@ class StorageServer:
         log.warning("the master loop did not run for %.2f s: filling every replica again", seconds)
         for rep in self.service.replicas.values():
             with rep.lock:
-                if rep.ready:
+                if rep.ready and rep.has_peers:
                     rep.ready = False
                     self._on_stale(rep)
 
