@@ -53,6 +53,11 @@ class _Load:
         self.reads = 0
         self.errors: list[BaseException] = []
         self.seed = seed
+        self.started = time.monotonic()
+        self.fault = "none"  # the fault in progress (from its start until every replica is ready again)
+
+    def _failure(self, exc: TransportError) -> str:
+        return f"{time.monotonic() - self.started:.2f} s, fault {self.fault}: {exc!r}"
 
     def write(self) -> None:
         try:
@@ -64,7 +69,7 @@ class _Load:
                     try:
                         c.assign("emb", keys, _rows(keys))
                     except TransportError as exc:
-                        self.write_failed.append(repr(exc))
+                        self.write_failed.append(self._failure(exc))
                     else:
                         self.acked.append(keys)
                         self.acked_n += 1
@@ -85,7 +90,7 @@ class _Load:
                     try:
                         values, found = c.find("emb", keys)
                     except TransportError as exc:
-                        self.read_failed.append(repr(exc))
+                        self.read_failed.append(self._failure(exc))
                     else:
                         self.reads += 1
                         self.missing += int(np.count_nonzero(~found))
@@ -120,20 +125,21 @@ def _chaos(duration_s: float, seed: int) -> None:
             while time.monotonic() < end:
                 time.sleep(rng.uniform(0.3, 1.5))
                 victim = rng.choice(names)
-                if rng.random() < 0.5:
-                    faults.append(f"kill {victim}")
+                load.fault = f"{'kill' if rng.random() < 0.5 else 'stop'} {victim}"
+                faults.append(load.fault)
+                if load.fault.startswith("kill"):
                     cluster.kill(victim)
                     time.sleep(rng.uniform(0.1, 1.0))
                     cluster.start([victim], wait=False)
                 else:
                     pid = cluster.pid(victim)
                     assert pid is not None
-                    faults.append(f"stop {victim}")
                     os.kill(pid, signal.SIGSTOP)
                     time.sleep(rng.uniform(0.2, 1.5))
                     os.kill(pid, signal.SIGCONT)
                     time.sleep(0.3)  # the next write shows it what it missed
                 _all_ready(cluster)
+                load.fault = "none"
         finally:
             time.sleep(0.5)
             load.stop.set()

@@ -82,8 +82,11 @@ class NodeLink:
 
     # -- what can be used --------------------------------------------------------------
 
-    def transports(self, table: int, shard: int, *, read: bool) -> list[str]:
-        """Usable transports for one request, best first (never empty: TCP stays as the last resort)."""
+    def transports(self, table: int, shard: int, *, read: bool, held_back: bool = False) -> list[str]:
+        """Usable transports for one request, best first (never empty: TCP stays as the last resort).
+
+        ``held_back``: also those that failed a moment ago (for a call with nowhere else to go).
+        """
         if self._handler is not None:
             return ["inproc"]
         now = time.monotonic()
@@ -93,7 +96,7 @@ class NodeLink:
         offers = info.get("offers", {})
         out = []
         for name in self.allowed:
-            if self._blocked_until.get(name, 0.0) > now:
+            if self._blocked_until.get(name, 0.0) > now and not held_back:
                 continue
             if name == "one_sided":
                 if read and same_host and self._one_sided_dir(table, shard) is not None:
@@ -106,24 +109,41 @@ class NodeLink:
         """Whether transport ``name`` failed too recently to be tried again."""
         return self._blocked_until.get(name, 0.0) > time.monotonic()
 
+    def held_back(self) -> bool:
+        """Whether some transport this link may use failed too recently to be tried again."""
+        now = time.monotonic()
+        return any(self._blocked_until.get(name, 0.0) > now for name in self.allowed)
+
     def _refresh(self, now: float) -> None:
         stale = self._hello is None or self._hello_stale or (
             now - self._hello_at > _REHELLO_S and not all(s["ready"] for s in self._hello["shards"]))
         if not stale or now - self._hello_at < _REOPEN_S or self.blocked("tcp"):
             return
         self._hello_at = now
-        try:
-            reply = self.connection("tcp").request(Frame(Kind.HELLO, request_id=next(_ids)),
-                                                   min(self._timeout, _HELLO_S))
+        for again in (False, True):
+            kept = self.has("tcp")
+            try:
+                reply = self.connection("tcp").request(Frame(Kind.HELLO, request_id=next(_ids)),
+                                                       min(self._timeout, _HELLO_S))
+            except (TransportError, ValueError) as exc:
+                if kept and not again and isinstance(exc, PeerUnavailable):
+                    self.drop("tcp")  # found broken before it was used: the node may have restarted
+                    continue
+                log.debug("hello to %s failed: %s", self.node.name, exc)
+                self.failed("tcp")
+                return
             if reply.status == Status.OK:
-                info = json.loads(reply.text())
+                try:
+                    info = json.loads(reply.text())
+                except ValueError as exc:
+                    log.debug("hello to %s failed: %s", self.node.name, exc)
+                    self.failed("tcp")
+                    return
                 if self._hello is not None and info.get("incarnation") != self._hello.get("incarnation"):
                     self._drop_conns(keep="tcp")  # a new process: its shm and rdma endpoints are new too
                 self._hello, self._hello_stale = info, False
                 self._drop_readers()
-        except (TransportError, ValueError) as exc:
-            log.debug("hello to %s failed: %s", self.node.name, exc)
-            self.failed("tcp")
+            return
 
     def _one_sided_dir(self, table: int, shard: int) -> str | None:
         for s in (self._hello or {}).get("shards", []):
@@ -202,6 +222,19 @@ class NodeLink:
                                       transport="one_sided") from exc
             self._readers[(table, shard)] = r
         return r
+
+    def has(self, name: str) -> bool:
+        """Whether a connection for transport ``name`` is open (kept from earlier calls)."""
+        return name in self._conns
+
+    def drop(self, name: str) -> None:
+        """Close transport ``name``'s connection without holding it back: it was found broken
+        before a frame left on it (its peer restarted since it was last used), so a new one
+        may be opened at once."""
+        conn = self._conns.pop(name, None)
+        if conn is not None:
+            conn.close()
+        self._hello_stale = True  # a new process: ask again what it offers
 
     def failed(self, name: str) -> None:
         """Transport ``name`` failed: close it; it is not reopened for a while."""

@@ -5,8 +5,12 @@ engine under it: deduplicate keys, split them by shard, send every shard's
 request before waiting for any, and put the answers back in the caller's
 order; pick a replica per shard by locality and score (``cluster.router``); on
 any failure or timeout try the node's next transport, then the next replica,
-so the caller sees one answer or one error. It must not interpret table
-contents (the service does) or encode bytes (the transports do).
+so the caller sees one answer or one error. A kept connection found broken
+before a frame left on it (its node restarted since it was last used) is
+replaced once before its transport counts as failed; a read whose replicas
+all failed tries, for real, the transports it passed over for having failed a
+moment ago, since the only ready replica may be one of those. It must not
+interpret table contents (the service does) or encode bytes (the transports do).
 
 Reads go to one replica of each shard (hedged to a second when hedging is on);
 writes go to every replica of each shard that is up, ready or filling. A write
@@ -113,6 +117,10 @@ class _Call:
     in_node: bool = False  # the router counts this call in flight at ``node``
     node_started: float = 0.0
     retried: bool = False
+    passed: list[str] = field(default_factory=list)  # a read's nodes left with transports held back
+    forced: bool = False  # a read back at its passed nodes, trying their held-back transports for real
+    tried: bool = False  # something was sent, or a connection opened, on this node for this call
+    reconnected: bool = False  # a kept connection to this node, found broken, was replaced
     hedge: _Call | None = None
     primary: _Call | None = None
     group: list[_Call] | None = None  # a write: the calls to every replica of its shard
@@ -522,24 +530,36 @@ class PSClient:
             c.transport = c.transports.pop(0)
             c.sent_at = time.monotonic()
             if c.transport == "one_sided":
+                c.tried = True
                 one_sided.append(c)
                 return True
-            last_resort = c.read and not (c.transports or c.candidates)
-            if link.blocked(c.transport) and not last_resort:
+            if link.blocked(c.transport) and not c.forced:
                 # Failed a moment ago: skip it, and do not renew its block (a renewed block would
                 # keep a restarted node from seeing writes for as long as writes keep coming; a
-                # replica that misses a write this way sees the gap and refills). A read with
-                # nowhere else to go tries it for real rather than fail untried.
+                # replica that misses a write this way sees the gap and refills). A read comes
+                # back to it for real if every other option fails (``_next_node``): the only
+                # ready replica may be the one whose link failed a moment ago.
                 c.last_error = PeerUnavailable("recently failed", peer=c.node, transport=c.transport)
                 self._count_retry(c)
                 continue
+            c.tried = True
+            kept = link.has(c.transport)
             try:
-                c.conn = link.connection(c.transport, force=last_resort)
+                c.conn = link.connection(c.transport, force=c.forced)
                 c.frame.deadline_us = max(1, int(max(deadline - c.sent_at, 0) * 1e6))
                 c.conn.send(c.frame)
             except (TransportError, ValueError) as exc:
                 c.last_error = exc
                 c.conn = None
+                if kept and isinstance(exc, PeerUnavailable) and not c.reconnected:
+                    # A connection kept from earlier calls found its peer gone before the frame
+                    # left: the node may have restarted since this client last used it (reads
+                    # that went to its peer meanwhile would not have noticed). One new
+                    # connection tells a restarted node from a dead one (refused at once).
+                    c.reconnected = True
+                    link.drop(c.transport)
+                    c.transports.insert(0, c.transport)
+                    continue
                 self._transport_failed(c)
                 continue
             pending.setdefault(c.frame.request_id, []).append(c)
@@ -549,22 +569,39 @@ class PSClient:
 
     def _next_node(self, c: _Call, pending: _Pending, one_sided: list[_Call],
                    deadline: float) -> bool:
-        """Move ``c`` to its next candidate node and send it; False when no candidate is left."""
-        while c.candidates:
-            c.node = c.candidates.pop(0)
+        """Move ``c`` to its next candidate node and send it; False when no candidate is left.
+
+        A read whose candidates all failed goes back to those with transports held back
+        (failed a moment ago, so not tried) and tries those for real before it fails: the
+        only ready replica may be one whose link failed a moment ago.
+        """
+        while c.candidates or (c.passed and not c.forced):
+            if not c.candidates:
+                c.candidates, c.passed, c.forced = c.passed, [], True
+            c.node, c.reconnected, c.tried = c.candidates.pop(0), False, False
             self.router.start(c.node)
             c.in_node, c.node_started = True, time.monotonic()
             link = self.links[c.node]
             c.transports = self.router.transport_order(
-                c.node, link.transports(c.frame.table, c.frame.shard, read=c.read))
+                c.node, link.transports(c.frame.table, c.frame.shard, read=c.read, held_back=c.forced))
             if self._send(c, pending, one_sided, deadline):
                 return True
-            self._leave(c, ok=False)
+            self._node_failed(c)
         if c.last_error is None:
             c.last_error = PeerUnavailable(
                 f"no replica of table {c.frame.table} shard {c.frame.shard} is reachable",
                 peer=c.node, transport=c.transport)
         return False
+
+    def _node_failed(self, c: _Call) -> None:
+        """``c`` has no transport left to try on its node now."""
+        if c.read and not c.forced and c.node not in c.passed and self.links[c.node].held_back():
+            c.passed.append(c.node)
+        if c.tried or not c.in_node:
+            self._leave(c, ok=False)
+        else:  # passed over untried: not the node's failure
+            c.in_node = False
+            self.router.cancel(c.node)
 
     def _run_one_sided(self, calls: list[_Call], pending: _Pending, deadline: float) -> None:
         """Serve the queued one-sided reads in this thread, after every remote request went out."""
@@ -661,7 +698,7 @@ class PSClient:
         c.frame.flags |= Flag.RETRY
         if self._send(c, pending, one_sided, deadline):
             return
-        self._leave(c, ok=False)
+        self._node_failed(c)
         if not self._next_node(c, pending, one_sided, deadline):
             self._settle(c, None, exc, pending)
 
