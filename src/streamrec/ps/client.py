@@ -5,9 +5,9 @@ engine under it: deduplicate keys, split them by shard, send every shard's
 request before waiting for any, and put the answers back in the caller's
 order; pick a replica per shard by locality and score (``cluster.router``); on
 any failure or timeout try the node's next transport, then the next replica,
-so the caller sees one answer or one error. A kept connection found broken
-before a frame left on it (its node restarted since it was last used) is
-replaced once before its transport counts as failed; a read whose replicas
+so the caller sees one answer or one error. For a read, a kept TCP connection
+found broken before a frame left on it (its node restarted since it was last
+used) is replaced once before its transport counts as failed; a read whose replicas
 all failed tries, for real, the transports it passed over for having failed a
 moment ago, since the only ready replica may be one of those. It must not
 interpret table contents (the service does) or encode bytes (the transports do).
@@ -119,8 +119,7 @@ class _Call:
     retried: bool = False
     passed: list[str] = field(default_factory=list)  # a read's nodes left with transports held back
     forced: bool = False  # a read back at its passed nodes, trying their held-back transports for real
-    tried: bool = False  # something was sent, or a connection opened, on this node for this call
-    reconnected: bool = False  # a kept connection to this node, found broken, was replaced
+    reconnected: bool = False  # a kept TCP connection to this node, found broken, was replaced
     hedge: _Call | None = None
     primary: _Call | None = None
     group: list[_Call] | None = None  # a write: the calls to every replica of its shard
@@ -530,7 +529,6 @@ class PSClient:
             c.transport = c.transports.pop(0)
             c.sent_at = time.monotonic()
             if c.transport == "one_sided":
-                c.tried = True
                 one_sided.append(c)
                 return True
             if link.blocked(c.transport) and not c.forced:
@@ -542,8 +540,7 @@ class PSClient:
                 c.last_error = PeerUnavailable("recently failed", peer=c.node, transport=c.transport)
                 self._count_retry(c)
                 continue
-            c.tried = True
-            kept = link.has(c.transport)
+            kept = c.read and c.transport == "tcp" and link.has("tcp")
             try:
                 c.conn = link.connection(c.transport, force=c.forced)
                 c.frame.deadline_us = max(1, int(max(deadline - c.sent_at, 0) * 1e6))
@@ -552,10 +549,11 @@ class PSClient:
                 c.last_error = exc
                 c.conn = None
                 if kept and isinstance(exc, PeerUnavailable) and not c.reconnected:
-                    # A connection kept from earlier calls found its peer gone before the frame
+                    # A TCP connection kept from earlier calls found its peer gone before the frame
                     # left: the node may have restarted since this client last used it (reads
-                    # that went to its peer meanwhile would not have noticed). One new
-                    # connection tells a restarted node from a dead one (refused at once).
+                    # that went to its peer meanwhile would not have noticed), at the same address.
+                    # One new connection tells a restarted node from a dead one (refused at once).
+                    # Writes keep the old way: a replica a write missed sees the gap and refills.
                     c.reconnected = True
                     link.drop(c.transport)
                     c.transports.insert(0, c.transport)
@@ -578,7 +576,7 @@ class PSClient:
         while c.candidates or (c.passed and not c.forced):
             if not c.candidates:
                 c.candidates, c.passed, c.forced = c.passed, [], True
-            c.node, c.reconnected, c.tried = c.candidates.pop(0), False, False
+            c.node, c.reconnected = c.candidates.pop(0), False
             self.router.start(c.node)
             c.in_node, c.node_started = True, time.monotonic()
             link = self.links[c.node]
@@ -594,14 +592,11 @@ class PSClient:
         return False
 
     def _node_failed(self, c: _Call) -> None:
-        """``c`` has no transport left to try on its node now."""
+        """``c`` has no transport left to try on its node now: a node failure (also when its
+        transports were passed over as recently failed, so its breaker opens while it stays down)."""
         if c.read and not c.forced and c.node not in c.passed and self.links[c.node].held_back():
             c.passed.append(c.node)
-        if c.tried or not c.in_node:
-            self._leave(c, ok=False)
-        else:  # passed over untried: not the node's failure
-            c.in_node = False
-            self.router.cancel(c.node)
+        self._leave(c, ok=False)
 
     def _run_one_sided(self, calls: list[_Call], pending: _Pending, deadline: float) -> None:
         """Serve the queued one-sided reads in this thread, after every remote request went out."""
