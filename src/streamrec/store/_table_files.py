@@ -347,18 +347,8 @@ class TableFiles:
         with ``next_start`` -1 once ``start`` is past the arena's high-water mark.
         The writer lock is held only for this chunk.
         """
-        if not (isinstance(start, int) and start >= 0 and isinstance(rows, int) and rows >= 1):
-            raise ValueError(f"start, rows: expected ints >= 0 and >= 1, got {start!r}, {rows!r}")
-        width = self._layout.dim + (self._layout.state_width if include_state else 0)
-        with self._lock:
-            hi = min(start + rows, int(self._cnt[CNT_HIGH]))
-            if start >= hi:
-                return np.empty(0, np.uint64), np.empty((0, width), self._layout.dtype), -1
-            keys = np.empty(hi - start, dtype=np.uint64)
-            vals = np.empty((hi - start, width), dtype=self._layout.dtype)
-            c = export_rows(self._arena64, self._arena32, self._arenav, self._layout.voff,
-                            start, hi, keys, vals, self._ctx())
-        return keys[:c], vals[:c], hi
+        keys, vals, _, nxt = self._export_chunk(start, rows, include_state, expiry=False)
+        return keys, vals, nxt
 
     def export_range_with_expiry(self, start: int, rows: int, include_state: bool = False
                                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
@@ -368,6 +358,11 @@ class TableFiles:
         a row that never expires; ``import_chunks`` takes it back, so a copied row keeps
         its deadline instead of starting a fresh TTL.
         """
+        return self._export_chunk(start, rows, include_state, expiry=True)
+
+    def _export_chunk(self, start: int, rows: int, include_state: bool, *, expiry: bool
+                      ) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+        """Both ``export_range`` forms; ``expires_at`` is computed only with ``expiry``."""
         if not (isinstance(start, int) and start >= 0 and isinstance(rows, int) and rows >= 1):
             raise ValueError(f"start, rows: expected ints >= 0 and >= 1, got {start!r}, {rows!r}")
         width = self._layout.dim + (self._layout.state_width if include_state else 0)
@@ -381,6 +376,8 @@ class TableFiles:
             ctx = self._ctx()
             c = export_rows(self._arena64, self._arena32, self._arenav, self._layout.voff,
                             start, hi, keys, vals, ctx)
+            if not expiry:
+                return keys[:c], vals[:c], np.empty(0, np.int64), hi
             live = (self._arena32[start:hi, STAMP] & 1).astype(bool)
             if self._wheel is None:
                 expires_at = np.zeros(c, np.int64)
