@@ -34,7 +34,10 @@ ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "benchmarks"
 sys.path.insert(0, str(BENCH))
 
-NAMES = sorted(p.stem for p in BENCH.glob("*.py") if not p.name.startswith("_"))
+# Named one by one so each benchmark's smoke run is a test id of its own;
+# test_every_benchmark_is_named fails when a new one is not added here.
+NAMES = ("propagation", "ps", "ps_ab", "replication", "sequence", "store", "store_churn", "store_restart",
+         "store_tiers")
 HAS_REDIS = shutil.which("redis-server") is not None
 HAS_UCXX = importlib.util.find_spec("ucxx") is not None
 
@@ -73,6 +76,11 @@ def _finite(obj: Any, where: str) -> None:
     elif isinstance(obj, list):
         for i, v in enumerate(obj):
             _finite(v, f"{where}[{i}]")
+
+
+def test_every_benchmark_is_named() -> None:
+    on_disk = sorted(p.stem for p in BENCH.glob("*.py") if not p.name.startswith("_"))
+    assert list(NAMES) == on_disk
 
 
 # ps_ab last: it reuses the kernels the others compiled.
