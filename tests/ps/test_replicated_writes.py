@@ -66,7 +66,14 @@ def _both_up(cluster: LocalCluster) -> None:
 
 
 def _check_everywhere(cluster: LocalCluster, acked: dict[int, int]) -> dict[str, int]:
-    """Rows of ``acked`` (key -> version) missing or stale on each replica."""
+    """Rows of ``acked`` (key -> version) missing or stale on each replica, read once both are ready.
+
+    A replica may be filling again when the writer stops, and rightly: on a loaded host a write
+    may have given up on it (its siblings answered) and been acknowledged without it, and the
+    replica saw the gap in the writer's sequence. What must hold is that it serves every
+    acknowledged write once it says it is ready."""
+    for name in (_A, _B):
+        cluster.wait_ready(name, 60)
     keys = np.fromiter(acked, np.uint64, len(acked))
     want = np.fromiter(acked.values(), np.float32, len(acked))
     bad = {}
