@@ -1,0 +1,263 @@
+"""MovieLens-100k as a time-ordered event log, with the leave-one-out split and full-ranking requests.
+
+Owns: fetching the data (the ``recbole==1.2.1`` wheel ships it under
+``recbole/dataset_example/ml-100k``; the wheel is fetched with ``pip download --no-deps`` into a
+cache directory at run time and read straight from the zip: recbole is never installed and the
+data is never committed), parsing RecBole's atomic files, the event log, and the leave-one-out
+split. It must not train or score anything; ``train.py`` does that.
+
+The event log: one event per rating, ordered by time (ties keep the file's order). A rating >= 4
+is a positive action (``ACTIONS["like"]``); lower ratings are ``ACTIONS["click"]`` (the user
+watched, did not like). Item categories are the first genre of the item's ``class`` field.
+
+Leave-one-out (``leave_one_out``): per user, the last positive event is the test target; the
+user's events before it (in time) are the history and the training data; events after it are
+dropped (they would leak). Users with no positive before their last one are not evaluated. The
+evaluation ranks every item as a candidate of one request per user (RLB's best case), excluding
+the items in the user's history, and reports HR@K / NDCG@K (``metrics.hr_ndcg_at_k``).
+
+Thread safety: the loaders are pure functions of their input files; results are immutable by
+convention (numpy arrays the caller should not write).
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import subprocess
+import sys
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from streamrec.pipeline.events import ACTIONS
+
+__all__ = [
+    "POSITIVE_RATING",
+    "RECBOLE_WHEEL",
+    "LeaveOneOut",
+    "MovieLens",
+    "cache_dir",
+    "fetch_wheel",
+    "leave_one_out",
+    "load_ml100k",
+    "parse_atomic",
+]
+
+RECBOLE_WHEEL = "recbole==1.2.1"
+_ZIP_DIR = "recbole/dataset_example/ml-100k/"
+POSITIVE_RATING = 4.0  # ratings >= 4 are positives: RecBole's ml-100k threshold ({'rating': 4})
+
+
+def cache_dir() -> Path:
+    """Where fetched wheels are kept: ``$STREAMREC_CACHE`` or ``~/.cache/streamrec``, plus ``/wheels``."""
+    root = os.environ.get("STREAMREC_CACHE") or Path.home() / ".cache" / "streamrec"
+    return Path(root) / "wheels"
+
+
+def fetch_wheel(directory: str | os.PathLike[str] | None = None, *, timeout_s: float = 300.0) -> Path:
+    """The recbole wheel in ``directory`` (default ``cache_dir()``), downloaded there if absent.
+
+    Runs ``python -m pip download --no-deps recbole==1.2.1 -d DIR`` (nothing is installed).
+
+    Raises:
+        FileNotFoundError: pip could not fetch it (offline, no index); the message has pip's output.
+    """
+    d = Path(directory) if directory is not None else cache_dir()
+    found = sorted(d.glob("recbole-1.2.1-*.whl"))
+    if found:
+        return found[0]
+    d.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
+           RECBOLE_WHEEL, "-d", str(d)]
+    try:
+        res = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, check=False)
+        out = res.stdout + res.stderr
+    except subprocess.TimeoutExpired:
+        out = f"timed out after {timeout_s} s"
+    found = sorted(d.glob("recbole-1.2.1-*.whl"))
+    if not found:
+        raise FileNotFoundError(f"could not fetch {RECBOLE_WHEEL} into {d}: {out.strip()[-500:]}")
+    return found[0]
+
+
+@dataclass(frozen=True)
+class MovieLens:
+    """A ratings event log, time-ordered.
+
+    Shapes: N events, I items, G genres.
+
+    Attributes:
+        user_id, item_id: (N,) int64, the dataset's own ids.
+        ts_ms: (N,) int64 milliseconds since the epoch, non-decreasing.
+        rating: (N,) float32.
+        action: (N,) int8, ``ACTIONS["like"]`` where rating >= 4, else ``ACTIONS["click"]``.
+        items: (I,) int64, every item id of the item file (and of the ratings), sorted.
+        item_category: (I,) int32, index into ``genres`` of each item's first genre (0 if none).
+        item_genres: (I, G) bool, every genre of each item.
+        genres: the genre names, sorted.
+    """
+
+    user_id: np.ndarray
+    item_id: np.ndarray
+    ts_ms: np.ndarray
+    rating: np.ndarray
+    action: np.ndarray
+    items: np.ndarray
+    item_category: np.ndarray
+    item_genres: np.ndarray
+    genres: tuple[str, ...]
+
+    @property
+    def positive(self) -> np.ndarray:
+        """(N,) bool: rating >= 4."""
+        return np.asarray(self.action == ACTIONS["like"])
+
+    def item_index(self, item_ids: np.ndarray) -> np.ndarray:
+        """Column of each item id in ``items`` (every id must be known)."""
+        return np.searchsorted(self.items, item_ids)
+
+    def __len__(self) -> int:
+        return int(self.user_id.size)
+
+
+def _read_atomic(text: bytes, what: str) -> pd.DataFrame:
+    """An atomic file: tab-separated, header ``name:type``; columns renamed to the bare names."""
+    df = pd.read_csv(io.BytesIO(text), sep="\t", dtype=str, keep_default_na=False)
+    df.columns = [c.split(":", 1)[0] for c in df.columns]
+    if df.empty:
+        raise ValueError(f"{what}: no rows")
+    return df
+
+
+def parse_atomic(inter: bytes, item: bytes | None = None) -> MovieLens:
+    """Build the event log from the bytes of a ``.inter`` file and, optionally, an ``.item`` file.
+
+    ``.inter`` needs ``user_id``, ``item_id``, ``rating`` and ``timestamp`` (seconds); ``.item``
+    needs ``item_id`` and ``class`` (space-separated genres). Without ``.item`` every item has
+    category 0 and no genre.
+
+    Raises ValueError naming the file and column when one is missing or not numeric.
+    """
+    df = _read_atomic(inter, ".inter")
+    try:
+        cols = {c: pd.to_numeric(df[c]).to_numpy() for c in ("user_id", "item_id", "rating", "timestamp")}
+    except KeyError as exc:
+        raise ValueError(f".inter: column {exc.args[0]!r} missing (have {list(df.columns)})") from None
+    except ValueError as exc:
+        raise ValueError(f".inter: a column is not numeric: {exc}") from None
+    order = np.argsort(cols["timestamp"], kind="stable")
+    user = cols["user_id"].astype(np.int64)[order]
+    item_id = cols["item_id"].astype(np.int64)[order]
+    rating = cols["rating"].astype(np.float32)[order]
+    ts_ms = (cols["timestamp"].astype(np.float64)[order] * 1000).round().astype(np.int64)
+    action = np.where(rating >= POSITIVE_RATING, ACTIONS["like"], ACTIONS["click"]).astype(np.int8)
+
+    genres: tuple[str, ...] = ()
+    classes: dict[int, list[str]] = {}
+    if item is not None:
+        it = _read_atomic(item, ".item")
+        if "item_id" not in it.columns or "class" not in it.columns:
+            raise ValueError(f".item: expected columns item_id and class, have {list(it.columns)}")
+        ids = pd.to_numeric(it["item_id"]).to_numpy().astype(np.int64)
+        classes = {int(i): c.split() for i, c in zip(ids, it["class"], strict=True)}
+        genres = tuple(sorted({g for gs in classes.values() for g in gs}))
+    items = np.union1d(np.fromiter(classes, dtype=np.int64, count=len(classes)), item_id)
+    g_index = {g: j for j, g in enumerate(genres)}
+    item_genres = np.zeros((items.size, len(genres)), dtype=bool)
+    category = np.zeros(items.size, dtype=np.int32)
+    for col, i in enumerate(items.tolist()):  # once per item at load time, not a hot path
+        gs = classes.get(i, [])
+        if gs:
+            category[col] = g_index[gs[0]]
+            item_genres[col, [g_index[g] for g in gs]] = True
+    return MovieLens(user_id=user, item_id=item_id, ts_ms=ts_ms, rating=rating, action=action, items=items,
+                     item_category=category, item_genres=item_genres, genres=genres)
+
+
+def load_ml100k(wheel: str | os.PathLike[str] | None = None) -> MovieLens:
+    """MovieLens-100k from the recbole wheel (fetched into the cache if ``wheel`` is None).
+
+    Raises FileNotFoundError if the wheel cannot be had, ValueError if it lacks the dataset.
+    """
+    path = Path(wheel) if wheel is not None else fetch_wheel()
+    with zipfile.ZipFile(path) as z:
+        try:
+            inter = z.read(_ZIP_DIR + "ml-100k.inter")
+            item = z.read(_ZIP_DIR + "ml-100k.item")
+        except KeyError as exc:
+            raise ValueError(f"{path}: no {exc.args[0]} in the wheel") from None
+    return parse_atomic(inter, item)
+
+
+@dataclass(frozen=True)
+class LeaveOneOut:
+    """The leave-one-out split of a ``MovieLens`` log.
+
+    Shapes: N events; U evaluated users; H = total history events of evaluated users; I items.
+
+    Attributes:
+        train: (N,) bool, events that may be trained on: each user's events before that user's
+            test event (every event of a user that is not evaluated).
+        users: (U,) int64 evaluated user ids, ascending.
+        target_item: (U,) int64 the held-out positive item; ``target_ts_ms`` (U,) its time.
+        history_offsets: (U + 1,) int64 into the ``history_*`` arrays (ragged, time-ordered).
+        history_item, history_action, history_ts_ms: (H,) the user's events before the target.
+        exclude: (U, I) bool, items of the user's history (they are not ranked).
+    """
+
+    train: np.ndarray
+    users: np.ndarray
+    target_item: np.ndarray
+    target_ts_ms: np.ndarray
+    history_offsets: np.ndarray
+    history_item: np.ndarray
+    history_action: np.ndarray
+    history_ts_ms: np.ndarray
+    exclude: np.ndarray
+
+
+def leave_one_out(data: MovieLens) -> LeaveOneOut:
+    """Hold out each user's last positive event (see the module docstring)."""
+    n = len(data)
+    # Events grouped by user, time order kept within a user (the log is time-ordered).
+    by_user = np.argsort(data.user_id, kind="stable")
+    u = data.user_id[by_user]
+    pos = data.positive[by_user]
+    starts = np.flatnonzero(np.concatenate(([True], u[1:] != u[:-1])))
+    ends = np.concatenate((starts[1:], [n]))
+    idx = np.arange(n)
+    # last positive position per user group (-1 if none)
+    last_pos = np.maximum.reduceat(np.where(pos, idx, -1), starts)
+    group = np.repeat(np.arange(starts.size), ends - starts)
+    # evaluated: has a last positive and some positive before it
+    first_pos = np.minimum.reduceat(np.where(pos, idx, n), starts)
+    evaluated = (last_pos >= 0) & (first_pos < last_pos)
+    cut = np.where(evaluated, last_pos, ends)  # events before `cut` are history / train
+    keep = idx < cut[group]
+    train = np.zeros(n, dtype=bool)
+    train[by_user[keep]] = True
+
+    ev = np.flatnonzero(evaluated)
+    hist_mask = keep & evaluated[group]
+    h_sorted = by_user[hist_mask]  # grouped by user ascending, time-ordered within
+    lengths = cut[ev] - starts[ev]
+    offsets = np.concatenate(([0], np.cumsum(lengths))).astype(np.int64)
+    target_rows = by_user[last_pos[ev]]
+    history_item = data.item_id[h_sorted]
+    exclude = np.zeros((ev.size, data.items.size), dtype=bool)
+    exclude[np.repeat(np.arange(ev.size), lengths), data.item_index(history_item)] = True
+    return LeaveOneOut(
+        train=train,
+        users=u[starts[ev]],
+        target_item=data.item_id[target_rows],
+        target_ts_ms=data.ts_ms[target_rows],
+        history_offsets=offsets,
+        history_item=history_item,
+        history_action=data.action[h_sorted],
+        history_ts_ms=data.ts_ms[h_sorted],
+        exclude=exclude,
+    )
