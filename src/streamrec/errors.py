@@ -7,6 +7,14 @@ The tree::
 
     StreamrecError                  base of everything below
     ├── ConfigError(ValueError)     a config value or file is wrong; names the field
+    ├── CheckpointError             a model checkpoint cannot be published or trusted
+    │                               (half-written, torn, checksum mismatch); names the
+    │                               directory and the problem
+    ├── FeatureError(ValueError)    a batch cannot be turned into features; names
+    │   │                           the feature and the column
+    │   ├── MissingColumns          input columns a feature needs are absent; lists them
+    │   └── NonFiniteInput          NaN or infinity in a feature's input or output;
+    │                               carries the row count and the first row
     ├── StoreError                  a table or store cannot do what was asked
     │   ├── TableFull               no row or index room left; carries the counts
     │   ├── TableBusy               a bucket stayed locked past the reader's patience
@@ -43,11 +51,15 @@ Thread safety: exceptions are plain values; nothing here holds state.
 from __future__ import annotations
 
 __all__ = [
+    "CheckpointError",
     "ConfigError",
     "CorruptFile",
     "DeadlineExceeded",
+    "FeatureError",
     "FrameError",
     "IndexGrowthRefused",
+    "MissingColumns",
+    "NonFiniteInput",
     "NonFiniteValues",
     "NotLeader",
     "PeerUnavailable",
@@ -77,6 +89,65 @@ class ConfigError(StreamrecError, ValueError):
     def __init__(self, message: str, *, field: str = "") -> None:
         super().__init__(f"{field}: {message}" if field else message)
         self.field = field
+
+
+class CheckpointError(StreamrecError):
+    """A model checkpoint (``model.checkpoint``) cannot be published, found or trusted.
+
+    Loading refuses the whole version: nothing of it is returned.
+
+    Attributes:
+        path: the model directory or the version directory or file concerned.
+        problem: what is wrong, in words ("dense.pt: crc32 mismatch", ...).
+    """
+
+    def __init__(self, *, path: str, problem: str) -> None:
+        super().__init__(f"{path}: checkpoint refused: {problem}")
+        self.path = path
+        self.problem = problem
+
+
+class FeatureError(StreamrecError, ValueError):
+    """A batch (or a request) cannot be turned into features.
+
+    Attributes:
+        feature: the feature (or component) that refused it, or ``""``.
+        column: the input column concerned, or ``""``.
+    """
+
+    def __init__(self, message: str, *, feature: str = "", column: str = "") -> None:
+        where = ".".join(x for x in (feature, column) if x)
+        super().__init__(f"{where}: {message}" if where else message)
+        self.feature = feature
+        self.column = column
+
+
+class MissingColumns(FeatureError):
+    """Input columns a feature needs are not in the batch.
+
+    Attributes:
+        columns: the missing column names, sorted.
+    """
+
+    def __init__(self, columns: list[str] | tuple[str, ...], *, feature: str = "") -> None:
+        cols = sorted(columns)
+        super().__init__(f"missing input column(s) {cols}", feature=feature)
+        self.columns = cols
+
+
+class NonFiniteInput(FeatureError):
+    """NaN or infinity where a feature needs finite numbers (its input, or a function's output).
+
+    Attributes:
+        rows: how many rows were not finite.
+        first_row: the index of the first of them in the batch.
+    """
+
+    def __init__(self, *, feature: str, column: str, rows: int, first_row: int) -> None:
+        super().__init__(f"{rows} row(s) not finite (first at row {first_row})", feature=feature,
+                         column=column)
+        self.rows = rows
+        self.first_row = first_row
 
 
 class StoreError(StreamrecError):
