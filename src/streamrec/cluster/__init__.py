@@ -17,7 +17,7 @@ from streamrec.cluster.spec import (
     embedded_spec,
     load_cluster_spec,
 )
-from streamrec.cluster.tree import FanoutTree, fanout_tree, tree_depth
+from streamrec.cluster.tree import FanoutTree, attach, fanout_tree, tree_depth
 
 __all__ = [
     "Breaker",
@@ -28,6 +28,7 @@ __all__ = [
     "Router",
     "RouterConfig",
     "TableSpec",
+    "attach",
     "cluster_spec_from_text",
     "embedded_spec",
     "fanout_tree",

@@ -39,9 +39,20 @@ The file (every key shown; ``#`` says the default and why)::
     shards = 2                 # default 1; at most 65536 (the wire carries a uint16 shard)
     replicas_per_zone = 1      # default 1; copies of every shard in every zone
     placement = [["a1", "b1"], ["a2", "b2"]]   # optional: per shard, the nodes holding it
+    serving = ["s1", "s2"]     # default []: read-only fan-out replicas; each holds EVERY shard of
+                               #   the table, fed committed updates through a k-ary tree rooted at
+                               #   one writable replica of the shard (ps/_follow.py); never written
+                               #   by clients, never in ``placement``
+    fanout = 4                 # default 4: children per tree node (Ekko's default degree is small
+                               #   too: depth log_k(n) hops, k uplinks per parent)
+    ring_mb = 64               # default 64: MiB of committed updates each writable replica keeps for
+                               #   its fan-out children (only when ``serving`` is non-empty); a child
+                               #   further behind re-syncs from an export
 
-Rules: each zone holds a full replica set, that is at least ``replicas_per_zone``
-replicas of every shard, so a zone can serve every key alone; hence
+Rules: serving nodes of a table hold no writable replica of it and are left out
+of its placement (default or given). Each zone (of the other nodes) holds a full
+replica set, that is at least ``replicas_per_zone`` replicas of every shard, so
+a zone can serve every key alone; hence
 ``replicas_per_zone`` must not exceed the node count of the smallest zone. Without
 ``placement``, replica ``r`` of shard ``s`` goes, within each zone, to
 ``zone_nodes[(s * replicas_per_zone + r) % len(zone_nodes)]`` (the zone's nodes
@@ -92,7 +103,9 @@ _HOSTNAME = re.compile(rf"(?=.{{1,253}}$){_HOST_LABEL}(?:\.{_HOST_LABEL})*\.?")
 
 _CLUSTER_KEYS = ("max_frame_mb", "name", "request_timeout_s")
 _NODE_KEYS = ("data_dir", "host", "metrics_port", "name", "pod", "port", "zone")
-_TABLE_SPEC_KEYS = ("name", "placement", "replicas_per_zone", "shards")
+_TABLE_SPEC_KEYS = ("fanout", "name", "placement", "replicas_per_zone", "ring_mb", "serving", "shards")
+DEFAULT_FANOUT = 4
+DEFAULT_RING_BYTES = 64 << 20
 _TABLE_CONFIG_KEYS = tuple(sorted({f.name for f in dataclasses.fields(TableConfig)} | {"adagrad", "adam"}))
 
 
@@ -162,6 +175,11 @@ class TableSpec:
         replicas_per_zone: copies of every shard in every zone (default 1).
         placement: per shard, the names of the nodes holding it; ``None``
             (default) places replicas as the module docstring describes.
+        serving: read-only fan-out replicas (node names), each holding every
+            shard; default ``()``: none, and the writable replicas keep no ring.
+        fanout: children per node of the fan-out tree, 1..1024 (default 4).
+        ring_bytes: committed updates a writable replica keeps for its fan-out
+            children, bytes (default 64 MiB; ``ring_mb`` in the file).
 
     Raises:
         ConfigError: a value is out of range; ``field`` is ``table.<attribute>``.
@@ -172,9 +190,20 @@ class TableSpec:
     shards: int = 1
     replicas_per_zone: int = 1
     placement: tuple[tuple[str, ...], ...] | None = None
+    serving: tuple[str, ...] = ()
+    fanout: int = DEFAULT_FANOUT
+    ring_bytes: int = DEFAULT_RING_BYTES
 
     def __post_init__(self) -> None:
         _check_name(self.name, "table.name")
+        if not (isinstance(self.serving, (tuple, list)) and all(isinstance(n, str) for n in self.serving)):
+            raise ConfigError(f"must be a list of node names, got {self.serving!r}", field="table.serving")
+        object.__setattr__(self, "serving", tuple(self.serving))
+        if len(set(self.serving)) != len(self.serving):
+            twice = next(n for n in self.serving if self.serving.count(n) > 1)
+            raise ConfigError(f"node {twice!r} listed twice", field="table.serving")
+        _check_int(self.fanout, 1, 1024, "table.fanout")
+        _check_int(self.ring_bytes, 1 << 16, 1 << 40, "table.ring_bytes")
         if not isinstance(self.config, TableConfig):
             raise ConfigError(f"must be a TableConfig, got {type(self.config).__name__}",
                               field="table.config")
@@ -274,7 +303,17 @@ class ClusterSpec:
 
     def _place(self, t: int, table: TableSpec) -> tuple[tuple[str, ...], ...]:
         """The table's replicas per shard, each list in node order; checks the replica rules."""
-        zones = {z: [n.name for n in self.nodes if n.zone == z] for z in self.zones()}
+        for name in table.serving:
+            if name not in self._node_by_name:
+                raise ConfigError(f"unknown node {name!r}; nodes: {', '.join(self._node_by_name)}",
+                                  field=f"table[{t}].serving")
+        # Serving nodes take no writable replica of the table: zones are those of the other nodes.
+        writable = [n for n in self.nodes if n.name not in table.serving]
+        if not writable:
+            raise ConfigError(f"every node serves table {table.name!r} read-only; it needs a writable one",
+                              field=f"table[{t}].serving")
+        zones = {z: [n.name for n in writable if n.zone == z]
+                 for z in dict.fromkeys(n.zone for n in writable)}
         rpz = table.replicas_per_zone
         small = min(zones, key=lambda z: len(zones[z]))
         if rpz > len(zones[small]):
@@ -294,6 +333,9 @@ class ClusterSpec:
                     if name not in self._node_by_name:
                         raise ConfigError(f"unknown node {name!r}; nodes: {', '.join(self._node_by_name)}",
                                           field=where)
+                    if name in table.serving:
+                        raise ConfigError(f"node {name!r} serves table {table.name!r} read-only (serving); "
+                                          "it cannot also hold a writable replica", field=where)
                 seen = set()
                 for name in names:
                     if name in seen:
@@ -355,8 +397,26 @@ class ClusterSpec:
                              f"got {shard!r}")
         return list(self._placement[t][shard])
 
+    def serving(self, table: str | int) -> tuple[str, ...]:
+        """The table's read-only fan-out replicas (each holds every shard), as given.
+
+        Raises:
+            ConfigError: unknown table.
+        """
+        return self.table(table)[1].serving
+
+    def serving_on(self, node: str) -> list[tuple[int, int]]:
+        """``(table index, shard)`` pairs that ``node`` holds read-only (fan-out), sorted.
+
+        Raises:
+            ConfigError: unknown node.
+        """
+        self.node(node)
+        return [(t, s) for t, table in enumerate(self.tables) if node in table.serving
+                for s in range(table.shards)]
+
     def shards_on(self, node: str) -> list[tuple[int, int]]:
-        """``(table index, shard)`` pairs that ``node`` holds, sorted.
+        """``(table index, shard)`` pairs that ``node`` holds writable, sorted.
 
         Raises:
             ConfigError: unknown node.
@@ -427,6 +487,9 @@ class ClusterSpec:
                     f"replicas_per_zone = {t.replicas_per_zone}"]
             if t.placement is not None:
                 out.append(f"placement = {_toml([list(p) for p in t.placement])}")
+            if t.serving:
+                out += [f"serving = {_toml(list(t.serving))}", f"fanout = {t.fanout}",
+                        f"ring_mb = {_toml(_mb(t.ring_bytes))}"]
             out += [f"{k} = {_toml(v)}" for k, v in raw.items()]
             for k, sub in subs.items():
                 out += [f"[table.{k}]"] + [f"{sk} = {_toml(sv)}" for sk, sv in sub.items()]
@@ -529,6 +592,10 @@ def _table_from(raw: dict[str, Any], i: int) -> TableSpec:
         _require(raw, key, where)
     raw = dict(raw)
     spec = {k: raw.pop(k) for k in _TABLE_SPEC_KEYS if k in raw}
+    if "ring_mb" in spec:
+        mb = spec.pop("ring_mb")
+        _check_positive(mb, f"{where}.ring_mb")
+        spec["ring_bytes"] = int(mb * (1 << 20))
     config = table_config_from_dict(raw, where=where)
     return _indexed(lambda: TableSpec(spec.pop("name"), config, **spec), "table", where)
 
@@ -581,6 +648,11 @@ def _check_int(v: Any, lo: int, hi: int, name: str) -> None:
 def _check_positive(v: Any, name: str) -> None:
     if not (isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0):
         raise ConfigError(f"must be a finite number > 0, got {v!r}", field=name)
+
+
+def _mb(n: int) -> int | float:
+    mb = n / (1 << 20)
+    return int(mb) if mb.is_integer() else mb
 
 
 def _valid_host(host: str) -> bool:

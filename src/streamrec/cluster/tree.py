@@ -23,6 +23,12 @@ member). Every other member keeps its parent, and the tree stays balanced. The
 moved member was a leaf, so its uplink is idle when it takes over the subtree.
 Joining appends at the next free slot: only the newcomer gains a parent.
 
+Re-attaching (:func:`attach`): a member that finds others dead builds the tree
+over the members it believes alive (itself always included) under the first
+live source. Members with different beliefs compute different trees, but never
+a cycle: in every member's tree a parent sorts before its child (or is the
+root), so following parents always reaches a source.
+
 Must not: do I/O, read time, or import anything of ours beyond ``errors``.
 
 Thread safety: a ``FanoutTree`` is immutable and may be shared freely.
@@ -36,7 +42,7 @@ from typing import Generic, TypeVar
 
 from streamrec.errors import ConfigError
 
-__all__ = ["FanoutTree", "fanout_tree", "tree_depth"]
+__all__ = ["FanoutTree", "attach", "fanout_tree", "tree_depth"]
 
 M = TypeVar("M", bound=Hashable)
 
@@ -213,3 +219,29 @@ def fanout_tree(root: M, members: Iterable[M], k: int) -> FanoutTree[M]:
     """
     rest = [m for m in members if m != root]
     return FanoutTree((root, *sorted(rest)), k)  # type: ignore[type-var]
+
+
+def attach(sources: Iterable[M], members: Iterable[M], k: int, me: M,
+           dead: Iterable[M] = ()) -> tuple[M, M]:
+    """``(root, parent)`` of ``me``: where it pulls committed batches from.
+
+    The root is the first of ``sources`` not in ``dead`` (sources in the order
+    given: a shard's writable replicas, so every member picks the same one);
+    the tree is :func:`fanout_tree` over ``members`` not in ``dead`` (``me``
+    always kept). Deterministic: members with the same ``dead`` agree.
+
+    Raises:
+        ValueError: every source is dead, or ``me`` is not among ``members``.
+        ConfigError: ``k < 1``.
+    """
+    gone = set(dead)
+    roots = [s for s in sources if s not in gone]
+    if not roots:
+        raise ValueError("every source is dead: no root to attach under")
+    live = [m for m in members if m == me or m not in gone]
+    if me not in live:
+        raise ValueError(f"{me!r} is not a member")
+    tree = fanout_tree(roots[0], live, k)
+    parent = tree.parent(me)
+    assert parent is not None  # me is never the root: sources are not members
+    return roots[0], parent

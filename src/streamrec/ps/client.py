@@ -195,7 +195,8 @@ class PSClient:
         """Rows of ``keys``: ``(values (B, D), found (B,))``, zeros where absent.
 
         ``node``: read from that node's replicas only, with no failover (to verify
-        replicas one by one); every shard the keys fall in must have one there.
+        replicas one by one, read-only serving replicas included); every shard the
+        keys fall in must have one there.
 
         Raises:
             DeadlineExceeded, PeerUnavailable: no replica of some shard answered in time.
@@ -316,7 +317,7 @@ class PSClient:
         self.spec.node(node)
         rows = np.array([min(max(int(chunk_rows), 1), 1 << 16)], np.int64)
         for s in range(spec.shards):
-            if node not in self.spec.replicas(t, s):
+            if node not in self.spec.replicas(t, s) and node not in spec.serving:
                 continue
             start = 0
             while start >= 0:
@@ -377,7 +378,7 @@ class PSClient:
                 continue
             replicas = self.spec.replicas(t, s)
             if read:
-                if node is not None and node not in replicas:
+                if node is not None and node not in replicas and node not in self.spec.tables[t].serving:
                     raise ValueError(f"node {node!r} holds no replica of table {t} shard {s}")
                 frame = Frame(kind, bufs(sl), request_id=next(self._ids), table=t, shard=s, aux=aux)
                 calls = [_Call(frame, [node] if node is not None else self.router.order(replicas), read=True)]

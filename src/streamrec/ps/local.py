@@ -42,19 +42,26 @@ def free_port() -> int:
 
 def loopback_spec(name: str, *, zones: int = 2, nodes_per_zone: int = 2, shards: int = 2, dim: int = 64,
                   optimizer: str = "adagrad", replicas_per_zone: int = 1, metrics: bool = True,
-                  data_root: str | os.PathLike[str] | None = None, table: str = "emb") -> ClusterSpec:
+                  data_root: str | os.PathLike[str] | None = None, table: str = "emb", serving: int = 0,
+                  fanout: int = 4, ring_bytes: int = 64 << 20) -> ClusterSpec:
     """A spec of ``zones`` zones of ``nodes_per_zone`` nodes each (one pod per node), on free ports.
 
     Nodes are named ``z<zone>n<node>`` (``z1n1``, ``z1n2``, ``z2n1`` ...); their data
     directories sit under ``data_root`` (default ``/dev/shm/streamrec/<name>``).
+    ``serving`` read-only fan-out replicas of the table (``f01``, ``f02`` ..., zone
+    ``fan``, no metrics server) join them, in a tree of fan-out ``fanout``.
     """
     root = Path(data_root) if data_root is not None else Path("/dev/shm/streamrec") / name
     nodes = [NodeSpec(f"z{z}n{n}", port=free_port(), zone=f"z{z}", pod=f"z{z}p{n}",
                       metrics_port=free_port() if metrics else 0, data_dir=str(root / f"z{z}n{n}"))
              for z in range(1, zones + 1) for n in range(1, nodes_per_zone + 1)]
+    fan = [NodeSpec(f"f{i:02d}", port=free_port(), zone="fan", data_dir=str(root / f"f{i:02d}"))
+           for i in range(1, serving + 1)]
     config = table_config_from_dict({"dim": dim, "optimizer": optimizer})
-    return ClusterSpec(name, tuple(nodes), (TableSpec(table, config, shards=shards,
-                                                      replicas_per_zone=replicas_per_zone),))
+    return ClusterSpec(name, (*nodes, *fan), (TableSpec(table, config, shards=shards,
+                                                        replicas_per_zone=replicas_per_zone,
+                                                        serving=tuple(n.name for n in fan), fanout=fanout,
+                                                        ring_bytes=ring_bytes),))
 
 
 class LocalCluster:

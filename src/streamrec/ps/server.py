@@ -15,6 +15,12 @@ frame is answered with an error frame by the master without reaching a worker.
 A request that waited past its deadline is answered DEADLINE without being run;
 a full queue answers OVERLOADED, so a burst cannot grow memory without bound.
 
+Fan-out: a PULL with nothing to return yet is *parked* on the master (no
+worker waits), and answered when the replica's ring grows (the ring's
+``on_append`` wakes the master through the eventfd) or its wait (at most 50
+ms) is over. Serving (read-only) replicas are fed by a ``ps._follow.Follower``
+thread each instead of filling from a peer.
+
 Health (``/healthz``: the master loop is alive; ``/readyz``: every replica is
 filled) and metrics (``/metrics``) are served on ``metrics_port`` by a small
 HTTP thread, bound to the node's host (127.0.0.1 unless told otherwise).
@@ -45,11 +51,13 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from streamrec.cluster.spec import ClusterSpec
 from streamrec.errors import FrameError, TransportError
+from streamrec.ps._follow import Follower
 from streamrec.ps.service import (
     EXPORT_CHANGES,
     EXPORT_END,
     EXPORT_EXPIRY,
     EXPORT_TRACK,
+    SERVING,
     Service,
     ShardReplica,
 )
@@ -162,7 +170,11 @@ class StorageServer:
         self._http: ThreadingHTTPServer | None = None
         self._beat = time.monotonic()
         self._beat_cpu = time.process_time()
+        self._parked: list[tuple[Endpoint, Token, Frame, str, float, float]] = []  # PULLs waiting: + expiry
+        self.followers: list[Follower] = []
         for (t, s), rep in self.service.replicas.items():
+            if rep.ring is not None:
+                rep.ring.on_append = self._wake
             name = spec.tables[t].name
             self.metrics.rows.labels(name, str(s)).set_function(functools.partial(_rows, rep))
             self.metrics.ready.labels(name, str(s)).set_function(functools.partial(_ready, rep))
@@ -192,8 +204,10 @@ class StorageServer:
             threading.Thread(target=self._http.serve_forever, name="ps-http", daemon=True).start()
         self._master = threading.Thread(target=self._run, name="ps-master", daemon=True)
         self._master.start()
-        if self._fill:
-            for rep in self.service.replicas.values():
+        for rep in self.service.replicas.values():
+            if rep.role == SERVING:
+                self.followers.append(Follower(self.spec, self.node.name, rep, self._stop).start())
+            elif self._fill:
                 self._on_stale(rep)
         return self
 
@@ -202,6 +216,8 @@ class StorageServer:
         self._stop.set()
         if self._master is not None:
             self._master.join(5)
+        for f in self.followers:
+            f.thread.join(5)
         if self._http is not None:
             self._http.shutdown()
             self._http.server_close()
@@ -240,7 +256,11 @@ class StorageServer:
                 for p in current.keys() - owner.keys():
                     poller.register(p, zmq.POLLIN)
                 owner = current
-                events = poller.poll(100)
+                wait_ms = 100
+                if self._parked:  # wake for the first parked PULL's expiry
+                    first = min(p[5] for p in self._parked)
+                    wait_ms = max(0, min(wait_ms, int((first - time.monotonic()) * 1000) + 1))
+                events = poller.poll(wait_ms)
                 gap = time.monotonic() - self._beat
                 # Stopped, not busy: a thread holding the GIL (numba compiling a kernel on first
                 # use) also keeps the master from running, but the process spends CPU meanwhile.
@@ -254,6 +274,8 @@ class StorageServer:
                     if ep is not None:
                         for token, req in ep.handle(p):
                             self._dispatch(ep, token, req)
+                if self._parked:
+                    self._unpark()
         except Exception:  # the loop must report, not vanish
             log.exception("master loop failed")
             raise
@@ -272,6 +294,25 @@ class StorageServer:
                 if rep.ready and rep.has_peers:
                     rep.ready = False
                     self._on_stale(rep)
+
+    def _wake(self) -> None:
+        """A ring grew (any thread): wake the master if a PULL is parked. Unlocked: a wake
+        missed in a race costs that PULL its wait (at most 50 ms), never its answer."""
+        if self._parked:
+            with contextlib.suppress(OSError):
+                os.eventfd_write(self._efd, 1)
+
+    def _unpark(self) -> None:
+        """Answer the parked PULLs that now have batches (or a re-sync to tell), or waited enough."""
+        now = time.monotonic()
+        keep = []
+        for ep, token, req, kind, arrived, expires in self._parked:
+            reply = self.service.pull(req, park=now < expires)  # past its wait: what there is (nothing)
+            if reply is None:
+                keep.append((ep, token, req, kind, arrived, expires))
+                continue
+            self._answer(ep, token, reply, kind, arrived, 0)
+        self._parked = keep
 
     def _dispatch(self, ep: Endpoint, token: Token, req: Frame | FrameError) -> None:
         arrived = time.monotonic()
@@ -292,6 +333,17 @@ class StorageServer:
                 reply = self._hello_reply(req, reply)
             nkeys = req.buffers[0].shape[0] if req.kind == Kind.FIND else 0
             self._answer(ep, token, reply, kind, arrived, nkeys)
+            return
+        if req.kind == Kind.PULL:  # cheap (a ring read, a few arrays joined): on the master, or parked
+            pulled = self.service.pull(req, park=ep.name == "tcp")  # TCP replies may trail later frames
+            if pulled is not None:
+                self._answer(ep, token, pulled, kind, arrived, 0)
+            else:
+                wait_s = int(req.buffers[0][3]) / 1000
+                if req.borrowed:  # a transport's ring slot: parked past the next recv, so copied
+                    req = Frame(req.kind, [b.copy() for b in req.buffers], req.request_id, req.table,
+                                req.shard, req.deadline_us, req.flags, req.status, req.aux)
+                self._parked.append((ep, token, req, kind, arrived, arrived + wait_s))
             return
         if self._inflight >= _MAX_QUEUE:
             self._answer(ep, token, error_reply(req, Status.OVERLOADED, f"{self._inflight} requests queued"),
@@ -368,7 +420,7 @@ class StorageServer:
                 done = False
             if done:
                 with rep.lock, self._fills_lock:
-                    rep.ready = rep.held = True
+                    rep.became_ready()
                     rep.touched.clear()
                     self._fills.discard(key)
                 return

@@ -21,6 +21,9 @@ Request contracts (buffers in order; B keys, D the table's dim)::
                     -> keys (n,), rows (n, D), erased keys (m,), still recorded i64 (1,))
                     (aux EXPORT_END: stop recording)
     STATS / HELLO   -                               -> JSON (uint8)
+                    (STATS aux STATS_APPLIED: also each fan-out replica's recent
+                    (seq, commit ns, applied ns), for measuring propagation)
+    PULL            epoch, after_seq, max_bytes, wait_ms i64 (4,) -> committed batches (``ps._ring``)
     SNAPSHOT        -                               -> JSON (uint8): the snapshot paths
     PING            -                               -> -
 
@@ -45,6 +48,15 @@ Each write also carries the client's per-shard sequence number in ``aux`` bits
 missed an acknowledged write (it was paused, or its link was down) and goes
 back to filling (``on_stale``).
 
+Fan-out (read-only serving replicas, ``TableSpec.serving``). A writable
+replica of a table with serving members logs every write it applies while
+ready into its ``UpdateRing``, as the resulting rows (``ps._ring``); a ready
+writable replica starts a new epoch each time it becomes ready. A serving
+replica (``role`` "serving") answers every write READ_ONLY, serves FIND once
+it holds its shard, and is fed by its ``ps._follow.Follower``. PULL and EXPORT
+are refused (UNAVAILABLE) by a replica not ready or re-syncing, so a child
+never copies a half-synced parent.
+
 Thread safety: ``Service.handle`` may be called from many threads at once.
 Reads run lock-free on the table; writes to one replica are serialised by its
 lock, which also makes the check-and-record of write ids atomic.
@@ -52,6 +64,7 @@ lock, which also makes the check-and-record of write ids atomic.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import json
 import logging
@@ -69,11 +82,12 @@ import numpy as np
 from streamrec.cluster.spec import ClusterSpec
 from streamrec.config import TableConfig
 from streamrec.errors import NonFiniteValues, StoreError
+from streamrec.ps._ring import MAX_WAIT_MS, UpdateRing, new_epoch, pull_reply
 from streamrec.store import EmbeddingTable
 from streamrec.transport.frames import Frame, Kind, Status, error_reply, in_place, reply_to
 
 __all__ = ["EXPORT_CHANGES", "EXPORT_END", "EXPORT_EXPIRY", "EXPORT_TRACK", "FILLING", "MAX_KEYS", "SEQ_MOD",
-           "Service", "ShardReplica"]
+           "SERVING", "STATS_APPLIED", "WRITABLE", "Service", "ShardReplica"]
 
 log = logging.getLogger("streamrec.ps")
 
@@ -89,6 +103,9 @@ IN_ORDER, SKIPPED, LATE = 0, 1, 2
 SEQ_MOD = 1 << 31  # write sequence numbers live in aux bits 1-31; 0 = none
 _CLIENTS_MAX = 1 << 16  # writers whose sequence a replica follows; the longest idle is forgotten first
 _TRACK_MAX = 1 << 22  # keys a peer records for a fill; past it the fill starts over (bounded memory)
+WRITABLE, SERVING = "writable", "serving"
+STATS_APPLIED = 1  # STATS aux: include each serving replica's recent (seq, commit ns, applied ns)
+_APPLIED_LOG = 8192  # (seq, commit, applied) triples a serving replica remembers for STATS_APPLIED
 
 
 class _BadRequest(Exception):
@@ -108,11 +125,23 @@ class ShardReplica:
         has_peers: the shard has another replica (one with none never fills again).
         touched: keys written while not ready (a copy from the peer skips them).
         tracking: keys written since a peer's fill began (None: no fill running).
+        role: WRITABLE, or SERVING (read-only, fed by the fan-out tree).
+        ring: committed updates kept for fan-out children; None when the table has no
+            serving members (the write path then logs nothing).
+        syncing: a serving replica copying an export: it serves reads (the rows it held)
+            but no PULL or EXPORT.
+        parent, root: where a serving replica pulls from, and the tree's root (its follower sets them).
+        applied_log: a serving replica's recent (seq, commit ns, applied ns), newest last.
     """
 
     def __init__(self, table_index: int, shard: int, table: EmbeddingTable, *, ready: bool = True,
-                 has_peers: bool = True) -> None:
+                 has_peers: bool = True, role: str = WRITABLE, ring: UpdateRing | None = None) -> None:
         self.table_index = table_index
+        self.role = role
+        self.ring = ring
+        self.syncing = False
+        self.parent = self.root = ""
+        self.applied_log: collections.deque[tuple[int, int, int]] = collections.deque(maxlen=_APPLIED_LOG)
         self.has_peers = has_peers
         self.shard = shard
         self.table = table
@@ -157,6 +186,30 @@ class ShardReplica:
         if not self.ready and kind != Kind.FIND_OR_INSERT:  # an inserted initial value is no news
             self.touched.update((keys if mask is None else keys[mask]).tolist())
 
+    def became_ready(self) -> None:
+        """Writer lock held: a writable replica is ready again: its ring starts a new epoch
+        (what it copied from its peer never went through the ring, so children re-sync)."""
+        self.ready = self.held = True
+        if self.ring is not None:
+            self.ring.reset(new_epoch())
+
+    def log_write(self, kind: int, keys: np.ndarray, mask: np.ndarray | None, reply: Frame) -> None:
+        """Writer lock held: put a write's resulting rows (not its gradients) in the ring."""
+        assert self.ring is not None
+        if kind == Kind.ERASE:
+            self.ring.append(keys.copy(), None)
+            return
+        if kind == Kind.FIND_OR_INSERT:  # the rows are the reply's (own arrays, never reused)
+            self.ring.append(keys.copy(), reply.buffers[0])
+            return
+        k = keys[mask] if mask is not None and not mask.all() else keys.copy()
+        if not k.size:
+            return
+        values, found = self.table.find(k)
+        if not found.all():  # a row the write skipped (non-finite policy "skip")
+            k, values = k[found], values[found]
+        self.ring.append(k, values)
+
     def applied(self, request_id: int) -> bool:
         """Writer lock held: True if the write with this id was applied already.
 
@@ -195,8 +248,13 @@ class Service:
         self.incarnation = f"{os.getpid()}-{time.time_ns()}"
         self.replicas: dict[tuple[int, int], ShardReplica] = {}
         for t, s in spec.shards_on(node):
+            table_spec = spec.tables[t]
+            ring = UpdateRing(table_spec.ring_bytes, new_epoch()) if table_spec.serving else None
             self.replicas[(t, s)] = ShardReplica(t, s, self._new_table(t, s), ready=ready,
-                                                 has_peers=len(spec.replicas(t, s)) > 1)
+                                                 has_peers=len(spec.replicas(t, s)) > 1, ring=ring)
+        for t, s in spec.serving_on(node):  # read-only: not ready until its follower synced it
+            self.replicas[(t, s)] = ShardReplica(t, s, self._new_table(t, s), ready=False, has_peers=False,
+                                                 role=SERVING, ring=UpdateRing(spec.tables[t].ring_bytes))
         for t in sorted({t for t, _ in self.replicas}):
             _warm(spec.tables[t].config)
 
@@ -236,12 +294,21 @@ class Service:
             if req.kind == Kind.HELLO:
                 return reply_to(req, [_json(self.hello())])
             if req.kind == Kind.STATS:
-                return reply_to(req, [_json(self.stats())])
+                return reply_to(req, [_json(self.stats(applied=bool(req.aux & STATS_APPLIED)))])
             if req.kind == Kind.SNAPSHOT:
                 return reply_to(req, [_json(self.snapshot())])
             rep = self._replica(req)
             if isinstance(rep, Frame):
                 return rep
+            if req.kind in _WRITES and rep.role == SERVING:
+                writable = ", ".join(self.spec.replicas(req.table, req.shard))
+                return error_reply(req, Status.READ_ONLY, f"node {self.node.name} holds a read-only "
+                                   f"(serving) replica of table {self.spec.tables[req.table].name!r}: "
+                                   f"write to its writable replicas ({writable})")
+            if req.kind == Kind.PULL:
+                reply = self._pull(rep, req, park=False)
+                assert reply is not None  # only a parking pull waits
+                return reply
             if req.kind in _WRITES:
                 with rep.lock:
                     again = rep.applied(req.request_id)
@@ -261,6 +328,8 @@ class Service:
                     if not again:
                         mask = reply.buffers[0] if req.kind in _MASKED else None
                         rep.note_write(req.kind, req.buffers[0], mask)
+                        if rep.ring is not None and rep.ready:
+                            rep.log_write(req.kind, req.buffers[0], mask, reply)
                     rep.record(req.request_id)
                     if not rep.ready:
                         reply.aux = FILLING
@@ -294,12 +363,42 @@ class Service:
         if rep is None:
             return error_reply(req, Status.NOT_HOSTED, f"node {self.node.name} holds no replica of table "
                                f"{self.spec.tables[req.table].name!r} shard {req.shard}")
+        if rep.syncing and req.kind in (Kind.PULL, Kind.EXPORT):
+            return error_reply(req, Status.UNAVAILABLE, f"table {self.spec.tables[req.table].name!r} shard "
+                               f"{req.shard} is re-syncing from its fan-out parent")
         if not rep.ready and req.kind not in _WRITES:
             reply = error_reply(req, Status.UNAVAILABLE, f"table {self.spec.tables[req.table].name!r} shard "
                                 f"{req.shard} is filling from a peer")
             reply.aux = int(rep.held)  # a filling peer says whether it holds data (see server's fill)
             return reply
         return rep
+
+    def pull(self, req: Frame, *, park: bool = True) -> Frame | None:
+        """The reply to a PULL, or (``park``) None when it should wait (nothing after its seq
+        yet): the server parks it and asks again when the ring grows or its wait is over."""
+        try:
+            rep = self._replica(req)
+            if isinstance(rep, Frame):
+                return rep
+            return self._pull(rep, req, park=park)
+        except _BadRequest as exc:
+            return error_reply(req, Status.BAD_REQUEST, str(exc))
+
+    def _pull(self, rep: ShardReplica, req: Frame, *, park: bool) -> Frame | None:
+        if rep.ring is None:
+            return error_reply(req, Status.NOT_HOSTED, f"table {self.spec.tables[req.table].name!r} has no "
+                               "fan-out members: no replica keeps a ring of its updates")
+        b = req.buffers
+        if len(b) != 1 or b[0].dtype != np.int64 or b[0].shape != (4,):
+            raise _BadRequest("PULL takes epoch, after_seq, max_bytes, wait_ms as one int64 (4,) buffer")
+        epoch, after, max_bytes, wait_ms = b[0].tolist()
+        if after < 0 or max_bytes < 1 or not 0 <= wait_ms <= MAX_WAIT_MS:
+            raise _BadRequest(f"PULL: after_seq >= 0, max_bytes >= 1, 0 <= wait_ms <= {MAX_WAIT_MS}; got "
+                              f"{after}, {max_bytes}, {wait_ms}")
+        if park and wait_ms and not rep.ring.has_after(epoch, after):
+            return None
+        outcome, batches = rep.ring.read(epoch, after, min(max_bytes, self.spec.max_frame_bytes // 2))
+        return pull_reply(req, rep.ring, outcome, batches, rep.table.dim, rep.table.dtype)
 
     def _write(self, rep: ShardReplica, req: Frame, again: bool) -> Frame:
         """Apply one write (``again``: it was applied before; answer without applying)."""
@@ -371,18 +470,21 @@ class Service:
             "incarnation": self.incarnation,
             "shards": [
                 {"table": t, "shard": s, "ready": r.ready,
-                 "live_dir": str(r.table.path) if r.table.path is not None else None}
+                 "live_dir": str(r.table.path) if r.table.path is not None else None, **_fanout(r)}
                 for (t, s), r in sorted(self.replicas.items())
             ],
         }
 
-    def stats(self) -> dict[str, Any]:
+    def stats(self, *, applied: bool = False) -> dict[str, Any]:
+        """Per replica: rows, memory, and its fan-out position (``applied``: the recent log too)."""
         out = []
         for (t, s), r in sorted(self.replicas.items()):
             st = r.table.stats()
             out.append({"table": self.spec.tables[t].name, "shard": s, "ready": r.ready,
                         "rows": st.rows, "load_factor": st.load_factor, "memory_bytes": st.memory_bytes,
-                        "nonfinite_skipped": st.nonfinite_skipped})
+                        "nonfinite_skipped": st.nonfinite_skipped, **_fanout(r)})
+            if applied and r.role == SERVING:
+                out[-1]["applied_log"] = list(r.applied_log)
         return {"node": self.node.name, "shards": out}
 
     def snapshot(self) -> dict[str, Any]:
@@ -395,6 +497,15 @@ class Service:
             with r.lock:
                 paths[f"{self.spec.tables[t].name}/{s}"] = str(r.table.snapshot(root))
         return {"node": self.node.name, "snapshots": paths}
+
+
+def _fanout(r: ShardReplica) -> dict[str, Any]:
+    """A replica's place in its fan-out tree, for HELLO and STATS (empty when it has no ring)."""
+    if r.ring is None:
+        return {"role": r.role}
+    epoch, base, last, commit = r.ring.state()
+    return {"role": r.role, "epoch": epoch, "seq": last, "commit_ns": commit, "ring_base": base,
+            "ring_bytes": r.ring.nbytes, "syncing": r.syncing, "parent": r.parent, "root": r.root}
 
 
 def _warm(cfg: TableConfig) -> None:

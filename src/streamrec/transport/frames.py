@@ -95,6 +95,7 @@ class Kind(IntEnum):
     STATS = 15  # -> JSON (uint8)
     SNAPSHOT = 16  # -> path (uint8 UTF-8)
     EXPORT = 17  # start (1,) i64, rows (1,) i64 -> keys (N,), rows (N, W), next (1,) i64 (-1 when done)
+    PULL = 18  # fan-out: committed update batches after a sequence number (ps/_ring.py has the layout)
 
 
 class Flag(IntFlag):
@@ -122,6 +123,7 @@ class Status(IntEnum):
     STORE_ERROR = 11  # the table refused (full, busy)
     INTERNAL = 12
     NON_FINITE = 13  # values or gradient steps not finite in the table's dtype: nothing written
+    READ_ONLY = 14  # a write sent to a read-only (fan-out serving) replica: nothing written
 
     @property
     def retriable(self) -> bool:
