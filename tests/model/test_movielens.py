@@ -17,6 +17,8 @@ from streamrec.model.movielens import (
     leave_one_out,
     load_ml100k,
     parse_atomic,
+    ranking_requests,
+    training_requests,
 )
 from streamrec.pipeline.events import ACTIONS
 
@@ -81,6 +83,40 @@ def test_leave_one_out_equals_per_user_loop(rows: list[tuple[int, int, int, int]
         assert sorted(ml.items[loo.exclude[row]].tolist()) == sorted(h)
     for a, b in itertools.pairwise(loo.history_offsets):
         assert (np.diff(loo.history_ts_ms[a:b]) >= 0).all()
+
+
+@given(_rows, st.integers(1, 3), st.integers(0, 2))
+def test_requests_equal_per_user_loop(rows: list[tuple[int, int, int, int]], max_len: int, negs: int) -> None:
+    ml = parse_atomic(_inter([(u, i, float(r), t) for u, i, r, t in rows]))
+    loo = leave_one_out(ml)
+    # training: one request per positive training event with an earlier training event
+    train = [k for k in range(len(ml)) if loo.train[k]]
+    want = []
+    for k in train:
+        before = [j for j in train if ml.user_id[j] == ml.user_id[k] and j < k]
+        if ml.positive[k] and before:
+            hist = [int(ml.item_id[j]) for j in before[-max_len:]]
+            want.append((int(ml.user_id[k]), int(ml.item_id[k]), hist))
+    batches = training_requests(ml, loo, np.random.default_rng(0), negatives=negs, max_len=max_len,
+                                requests=2)
+    got = []
+    for b in batches:
+        assert b.labels[:, 0].tolist() == ([1.0] + [0.0] * negs) * b.num_requests
+        for r in range(b.num_requests):
+            h = b.hist_item[b.hist_offsets[r]:b.hist_offsets[r + 1]].tolist()
+            assert (b.hist_ts_ms[b.hist_offsets[r]:b.hist_offsets[r + 1]] <= b.request_ts_ms[r]).all()
+            got.append((int(b.user_id[r]), int(b.target_item[b.target_offsets[r]]), h))
+    assert sorted(got) == sorted(want)
+    # ranking: every item a candidate of each evaluated user's request, the split's history
+    pairs = ranking_requests(ml, loo, max_len=max_len, users=2)
+    seen = np.concatenate([p[0] for p in pairs]) if pairs else np.zeros(0, np.int64)
+    assert seen.tolist() == list(range(loo.users.size))
+    for eval_rows, b in pairs:
+        assert b.target_item.tolist() == np.tile(ml.items, eval_rows.size).tolist()
+        for r, row in enumerate(eval_rows):
+            want_h = loo.history_item[loo.history_offsets[row]:loo.history_offsets[row + 1]][-max_len:]
+            assert b.hist_item[b.hist_offsets[r]:b.hist_offsets[r + 1]].tolist() == want_h.tolist()
+            assert int(b.user_id[r]) == loo.users[row]
 
 
 def _wheel_or_skip() -> MovieLens:

@@ -4,7 +4,8 @@ Owns: fetching the data (the ``recbole==1.2.1`` wheel ships it under
 ``recbole/dataset_example/ml-100k``; the wheel is fetched with ``pip download --no-deps`` into a
 cache directory at run time and read straight from the zip: recbole is never installed and the
 data is never committed), parsing RecBole's atomic files, the event log, and the leave-one-out
-split. It must not train or score anything; ``train.py`` does that.
+split, and turning both into ``RequestBatch``es (``training_requests``, ``ranking_requests``). It
+must not train or score anything; ``train.py`` does that.
 
 The event log: one event per rating, ordered by time (ties keep the file's order). A rating >= 4
 is a positive action (``ACTIONS["like"]``); lower ratings are ``ACTIONS["click"]`` (the user
@@ -33,11 +34,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from streamrec.model.batch import RequestBatch, suffix_index
 from streamrec.pipeline.events import ACTIONS
 
 __all__ = [
     "POSITIVE_RATING",
     "RECBOLE_WHEEL",
+    "TASKS",
     "LeaveOneOut",
     "MovieLens",
     "cache_dir",
@@ -45,6 +48,8 @@ __all__ = [
     "leave_one_out",
     "load_ml100k",
     "parse_atomic",
+    "ranking_requests",
+    "training_requests",
 ]
 
 RECBOLE_WHEEL = "recbole==1.2.1"
@@ -261,3 +266,83 @@ def leave_one_out(data: MovieLens) -> LeaveOneOut:
         history_ts_ms=data.ts_ms[h_sorted],
         exclude=exclude,
     )
+
+
+TASKS = ("like",)  # the one task of ml100k: is the next item one the user rates >= 4
+
+
+def training_requests(data: MovieLens, split: LeaveOneOut, rng: np.random.Generator, *,
+                      negatives: int = 16, max_len: int = 200, requests: int = 256) -> list[RequestBatch]:
+    """One epoch of next-item training requests, shuffled, ``requests`` per batch.
+
+    Each positive training event (with at least one event before it) is a request: its history is
+    the user's training events before it (the newest ``max_len``), its targets the event's item
+    (label 1) and ``negatives`` items drawn uniformly from all items (label 0; a draw equal to the
+    positive is kept, a 1/I chance). The targets share the history: request-level batching.
+    """
+    if negatives < 0 or max_len < 1 or requests < 1:
+        raise ValueError(f"expected negatives >= 0, max_len >= 1, requests >= 1; got {negatives}, "
+                         f"{max_len}, {requests}")
+    tr = np.flatnonzero(split.train)
+    order = tr[np.argsort(data.user_id[tr], kind="stable")]  # by user, time order kept
+    u = data.user_id[order]
+    first = np.r_[True, u[1:] != u[:-1]]
+    start = np.maximum.accumulate(np.where(first, np.arange(u.size), 0))  # group start of each
+    j = np.arange(u.size) - start  # events of the user before this one
+    req = np.flatnonzero(data.positive[order] & (j > 0))
+    req = req[rng.permutation(req.size)]
+    out = []
+    for lo in range(0, req.size, requests):
+        rows = req[lo:lo + requests]
+        off, idx = _newest_before(rows, np.minimum(j[rows], max_len))
+        hist = order[idx]
+        m = 1 + negatives
+        items = np.empty((rows.size, m), dtype=np.int64)
+        items[:, 0] = data.item_id[order[rows]]
+        items[:, 1:] = data.items[rng.integers(0, data.items.size, size=(rows.size, negatives))]
+        labels = np.zeros((rows.size, m), dtype=np.float32)
+        labels[:, 0] = 1.0
+        flat = items.reshape(-1)
+        out.append(RequestBatch.from_numpy(
+            hist_offsets=off, hist_item=data.item_id[hist], hist_action=data.action[hist],
+            hist_ts_ms=data.ts_ms[hist], request_ts_ms=data.ts_ms[order[rows]],
+            user_id=data.user_id[order[rows]], target_offsets=np.arange(rows.size + 1) * m,
+            target_item=flat, target_category=data.item_category[data.item_index(flat)],
+            labels=labels.reshape(-1, 1), tasks=TASKS))
+    return out
+
+
+def ranking_requests(data: MovieLens, split: LeaveOneOut, *, max_len: int = 10_000,
+                     users: int = 8) -> list[tuple[np.ndarray, RequestBatch]]:
+    """The full-ranking evaluation: one request per evaluated user, every item a candidate.
+
+    Returns ``(rows, batch)`` pairs, ``users`` requests per batch: ``rows`` are the users' rows of
+    ``split`` and the batch's targets are ``data.items`` for each in turn (R x I targets, in
+    ``items`` order), so ``model(batch)[:, 0].reshape(R, I)`` is the score matrix of those rows.
+    Histories are the split's (newest ``max_len``); request time is the held-out event's time.
+    """
+    if max_len < 0 or users < 1:
+        raise ValueError(f"expected max_len >= 0 and users >= 1; got {max_len}, {users}")
+    n_items = data.items.size
+    out = []
+    for lo in range(0, split.users.size, users):
+        rows = np.arange(lo, min(lo + users, split.users.size))
+        held = np.diff(split.history_offsets)[rows]
+        run_off = split.history_offsets[np.r_[rows, rows[-1] + 1]]
+        # the rows are consecutive, so their runs are one contiguous slice of the history arrays
+        off, idx = suffix_index(run_off - run_off[0], np.minimum(held, max_len))
+        idx = idx + run_off[0]
+        out.append((rows, RequestBatch.from_numpy(
+            hist_offsets=off, hist_item=split.history_item[idx], hist_action=split.history_action[idx],
+            hist_ts_ms=split.history_ts_ms[idx], request_ts_ms=split.target_ts_ms[rows],
+            user_id=split.users[rows], target_offsets=np.arange(rows.size + 1) * n_items,
+            target_item=np.tile(data.items, rows.size),
+            target_category=np.tile(data.item_category, rows.size), tasks=TASKS)))
+    return out
+
+
+def _newest_before(ends: np.ndarray, keep: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Offsets and flat indices of the runs ``[ends[r] - keep[r], ends[r])`` (any order of ends)."""
+    off = np.zeros(ends.size + 1, dtype=np.int64)
+    np.cumsum(keep, out=off[1:])
+    return off, np.arange(int(off[-1]), dtype=np.int64) - np.repeat(off[:-1] - (ends - keep), keep)
