@@ -1,0 +1,152 @@
+"""STCA: stacked target-to-history cross attention with request-level batching (seed 002).
+
+Owns: ``STCA`` and ``ragged_target_attention``, the single-query multi-head attention of
+each target over its request's ragged history. It must not pad histories to the longest
+one, encode absolute positions (they cannot extrapolate from the trained window to 10k
+events), or do history work per target.
+
+The model, per layer l = 1..L:
+
+- history tokens ``H_l = LayerNorm(H_{l-1} + SwiGLU_l(H_{l-1}))``, with ``H_0`` the item row
+  plus action plus time-since-action embeddings (``_layers.SequenceRanker.embed``); tokens
+  are never updated by attention, so this is done once per request, whatever its number
+  of targets (request-level batching: RLB);
+- a query per target, ``q_l = W_q,l [target, o_1, ..., o_{l-1}]`` (the "highway": the
+  target fused with every earlier layer's output), attends over ``H_l`` with H heads, one
+  1 x L score row per head: ``o_l = W_o,l Attn(q_l, W_k,l H_l, W_v,l H_l)``;
+- the interest vector is ``[o_1, ..., o_L]``; the MLP sees it with the target, user and
+  feature vectors and has one output per task.
+
+Attention cost is linear in L: per request, m targets x L tokens x D.
+
+Thread safety: as any torch module (see ``_layers``).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from streamrec.model._layers import ModelConfig, SequenceRanker, SwiGLU, scaled
+from streamrec.model.batch import RequestBatch
+
+__all__ = ["STCA", "ModelConfig", "ragged_target_attention"]
+
+
+def ragged_target_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, hist_offsets: torch.Tensor,
+                            target_offsets: torch.Tensor, chunk: int = 64) -> torch.Tensor:
+    """Each target's query attends over its own request's history only.
+
+    Shapes: R requests, N tokens, T targets, H heads, E per head.
+    q (T, H, E); k, v (N, H, E); hist_offsets, target_offsets int64 (R + 1,).
+    Returns (T, H, E); a target whose request has no history gets zeros.
+
+    The history is cut into blocks of ``chunk`` tokens that never cross a
+    request (so each history is padded by under ``chunk`` tokens, never to the
+    longest), and the request's queries are padded to its batch's most targets
+    per request, M. Scores are one batched matmul per layer over the blocks
+    ((blocks, H, M, chunk)); the softmax runs over all blocks of a request (a
+    segment softmax: a shared per-request maximum from ``scatter_reduce``,
+    sums with ``index_add``), so the result equals a dense softmax over the
+    request's L tokens.
+    """
+    r = hist_offsets.shape[0] - 1
+    t, h, e = q.shape
+    dev = q.device
+    lens = hist_offsets[1:] - hist_offsets[:-1]
+    m_per = target_offsets[1:] - target_offsets[:-1]
+    m = int(m_per.max()) if r and t else 0
+    out = q.new_zeros(t, h, e)
+    if m == 0 or k.shape[0] == 0:
+        return out
+    # Blocks: request of each, first token, valid tokens.
+    nblk = (lens + chunk - 1) // chunk
+    blk_req = torch.repeat_interleave(torch.arange(r, device=dev), nblk)
+    first_blk = torch.cumsum(nblk, 0) - nblk
+    blk_in_req = torch.arange(blk_req.shape[0], device=dev) - first_blk[blk_req]
+    blk_start = hist_offsets[:-1][blk_req] + blk_in_req * chunk
+    blk_valid = torch.minimum(hist_offsets[1:][blk_req] - blk_start, torch.full_like(blk_start, chunk))
+    pos = torch.arange(chunk, device=dev)
+    valid = pos.unsqueeze(0) < blk_valid.unsqueeze(1)  # (B, C)
+    tok = torch.where(valid, blk_start.unsqueeze(1) + pos, blk_start.unsqueeze(1))
+    kb = k[tok]  # (B, C, H, E)
+    vb = v[tok]
+    # Queries padded per request: (R, M, H, E).
+    t_req = torch.repeat_interleave(torch.arange(r, device=dev), m_per)
+    t_slot = torch.arange(t, device=dev) - target_offsets[:-1][t_req]
+    qpad = q.new_zeros(r, m, h, e)
+    qpad[t_req, t_slot] = scaled(q)
+    qb = qpad[blk_req]  # (B, M, H, E)
+    s = torch.einsum("bmhe,bche->bhmc", qb, kb)
+    s = s.masked_fill(~valid[:, None, None, :], float("-inf"))
+    # Segment softmax over each request's blocks; the shift is a constant for autograd.
+    with torch.no_grad():
+        top = q.new_full((r, h, m), float("-inf")).scatter_reduce_(
+            0, blk_req[:, None, None].expand(-1, h, m), s.amax(dim=3), reduce="amax", include_self=True)
+        top = torch.nan_to_num(top, neginf=0.0)
+    p = torch.exp(s - top[blk_req].unsqueeze(3))
+    denom = q.new_zeros(r, h, m).index_add_(0, blk_req, p.sum(dim=3))
+    num = q.new_zeros(r, m, h, e).index_add_(0, blk_req, torch.einsum("bhmc,bche->bmhe", p, vb))
+    att = num / denom.permute(0, 2, 1).unsqueeze(3).clamp_min(1e-30)
+    return att[t_req, t_slot]
+
+
+class _Layer(nn.Module):
+    """One STCA layer: the token FFN and the target-to-history attention."""
+
+    def __init__(self, config: ModelConfig, query_in: int) -> None:
+        super().__init__()
+        d = config.dim
+        self.ffn = SwiGLU(d, config.ffn_mult)
+        self.norm = nn.LayerNorm(d)
+        self.q = nn.Linear(query_in, d)
+        self.kv = nn.Linear(d, 2 * d)
+        self.o = nn.Linear(d, d)
+
+
+class STCA(SequenceRanker):
+    """Stacked target-to-history cross attention, with request-level batching.
+
+    Shape contract: ``RequestBatch`` (R requests, N history events, T targets) ->
+    logits (T, K). Memory and time are linear in N and in (targets x history) per request.
+
+    Args:
+        config: sizes (``ModelConfig``: ``dim``, ``heads``, ``layers``, ``ffn_mult``,
+            ``attn_chunk``; feature and task counts from ``ModelConfig.for_batch``).
+        item_embedding: the item rows (``_layers.SequenceRanker``): a
+            ``HashedEmbedding`` by default, ``embedding.StoreEmbedding`` to keep
+            them and their optimizer state in the store.
+
+    Raises:
+        ValueError: a bad config; at forward, a batch that does not match it.
+
+    Example::
+
+        cfg = ModelConfig().for_batch(batch)
+        model = STCA(cfg)
+        loss = model.loss(batch)          # per-sample objective, history encoded once per request
+        loss.backward()
+        scores = torch.sigmoid(model(batch.truncate(10_000)))  # (T, K)
+    """
+
+    def __init__(self, config: ModelConfig, item_embedding: nn.Module | None = None) -> None:
+        super().__init__(config, item_embedding)
+        d = config.dim
+        self.layers = nn.ModuleList(_Layer(config, d * (1 + i)) for i in range(config.layers))
+        self.head = self._mlp(d * config.layers)
+
+    def interest(self, batch: RequestBatch, tokens: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        c = self.config
+        h = c.heads
+        e = c.dim // h
+        outs: list[torch.Tensor] = []
+        x = tokens
+        layer: _Layer
+        for layer in self.layers:  # type: ignore[assignment]
+            x = layer.norm(x + layer.ffn(x))  # once per request's token, shared by its targets
+            kv = layer.kv(x)
+            k, v = kv.view(-1, 2, h, e).unbind(1)
+            q = layer.q(torch.cat([target, *outs], dim=1)).view(-1, h, e)
+            att = ragged_target_attention(q, k, v, batch.hist_offsets, batch.target_offsets, c.attn_chunk)
+            outs.append(layer.o(att.reshape(-1, c.dim)))
+        return torch.cat(outs, dim=1)

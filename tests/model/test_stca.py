@@ -1,0 +1,145 @@
+"""STCA: the ragged attention against a dense per-target loop, request-level batching equal to
+per-target computation (outputs and gradients), empty and one-event histories, shapes and gradients."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from streamrec.model.batch import RequestBatch
+from streamrec.model.stca import STCA, ModelConfig, ragged_target_attention
+
+torch.set_num_threads(1)
+
+
+def make_batch(rng: np.random.Generator, lens: list[int], targets: list[int], *, dense: int = 2,
+               sparse: int = 2) -> RequestBatch:
+    r = len(lens)
+    off = np.r_[0, np.cumsum(lens)]
+    toff = np.r_[0, np.cumsum(targets)]
+    n, t = int(off[-1]), int(toff[-1])
+    now = 1_767_225_600_000
+    return RequestBatch.from_numpy(
+        hist_offsets=off, hist_item=rng.integers(0, 500, n), hist_action=rng.integers(1, 7, n),
+        hist_ts_ms=now - rng.integers(0, 10**9, n), hist_value=rng.random(n) * 30,
+        request_ts_ms=np.full(r, now), user_id=rng.integers(0, 50, r), target_offsets=toff,
+        target_item=rng.integers(0, 500, t), target_category=rng.integers(0, 20, t),
+        dense=rng.random((t, dense)), sparse=rng.integers(0, 100, (t, sparse)),
+        labels=rng.integers(0, 2, (t, 3)))
+
+
+def _model(batch: RequestBatch, seed: int = 0, **kw: object) -> STCA:
+    torch.manual_seed(seed)
+    cfg = ModelConfig(dim=16, heads=2, item_buckets=1024, user_buckets=64, sparse_buckets=256,
+                      mlp=(32,), **kw).for_batch(batch)  # type: ignore[arg-type]
+    return STCA(cfg).double()
+
+
+LENS = [0, 1, 7, 70, 33, 0]
+TARGETS = [3, 1, 2, 4, 1, 2]
+
+
+def test_ragged_attention_equals_a_dense_softmax_per_target() -> None:
+    rng = np.random.default_rng(0)
+    b = make_batch(rng, LENS, TARGETS)
+    t, n, h, e = b.num_targets, b.num_events, 3, 5
+    q, k, v = (torch.randn(x, h, e, dtype=torch.float64) for x in (t, n, n))
+    got = ragged_target_attention(q, k, v, b.hist_offsets, b.target_offsets, chunk=8)
+    off = b.hist_offsets.tolist()
+    for i, r in enumerate(b.target_request.tolist()):
+        s, end = off[r], off[r + 1]
+        if s == end:
+            assert torch.equal(got[i], torch.zeros(h, e, dtype=torch.float64))
+            continue
+        scores = torch.einsum("he,lhe->hl", q[i], k[s:end]) / e**0.5
+        want = torch.einsum("hl,lhe->he", scores.softmax(dim=-1), v[s:end])
+        torch.testing.assert_close(got[i], want, rtol=1e-12, atol=1e-12)
+
+
+def test_block_size_does_not_change_the_result() -> None:
+    b = make_batch(np.random.default_rng(1), LENS, TARGETS)
+    outs = [_model(b, attn_chunk=c)(b) for c in (1, 4, 64, 1024)]
+    for o in outs[1:]:
+        torch.testing.assert_close(o, outs[0], rtol=1e-10, atol=1e-12)
+
+
+def test_shapes_and_every_parameter_gets_a_gradient() -> None:
+    b = make_batch(np.random.default_rng(2), LENS, TARGETS)
+    model = _model(b)
+    logits = model(b)
+    assert logits.shape == (b.num_targets, 3) and torch.isfinite(logits).all()
+    model.loss(b, logits).backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), name
+        assert p.grad.abs().sum() > 0, f"{name} got a zero gradient"
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_request_level_batching_equals_per_target_computation(seed: int) -> None:
+    """Each target as its own request with a copy of the history: same logits, loss and gradients."""
+    b = make_batch(np.random.default_rng(seed), LENS, TARGETS)
+    model = _model(b, seed)
+    per = b.repeat_per_target()
+    assert per.num_requests == b.num_targets
+    torch.testing.assert_close(model(b), model(per), rtol=1e-10, atol=1e-12)
+    params = list(model.parameters())
+    g_rlb = torch.autograd.grad(model.loss(b), params)
+    g_per = torch.autograd.grad(model.loss(per), params)
+    for (name, _), x, y in zip(model.named_parameters(), g_rlb, g_per, strict=True):
+        torch.testing.assert_close(x, y, rtol=1e-9, atol=1e-12, msg=name)
+
+
+def test_the_loss_is_the_mean_of_per_sample_losses() -> None:
+    b = make_batch(np.random.default_rng(4), LENS, TARGETS)
+    model = _model(b)
+    per = b.repeat_per_target()
+    singles = [model.loss(_one(per, i)) for i in range(per.num_requests)]
+    torch.testing.assert_close(model.loss(b), torch.stack(singles).mean(), rtol=1e-10, atol=1e-12)
+
+
+def _one(b: RequestBatch, r: int) -> RequestBatch:
+    s, e = int(b.hist_offsets[r]), int(b.hist_offsets[r + 1])
+    t0, t1 = int(b.target_offsets[r]), int(b.target_offsets[r + 1])
+    return RequestBatch.from_numpy(
+        hist_offsets=[0, e - s], hist_item=b.hist_item[s:e], hist_action=b.hist_action[s:e],
+        hist_ts_ms=b.hist_ts_ms[s:e], hist_value=b.hist_value[s:e], request_ts_ms=b.request_ts_ms[r:r + 1],
+        user_id=b.user_id[r:r + 1], target_offsets=[0, t1 - t0], target_item=b.target_item[t0:t1],
+        target_category=b.target_category[t0:t1], dense=b.dense[t0:t1], sparse=b.sparse[t0:t1],
+        labels=b.labels[t0:t1])
+
+
+def test_empty_and_single_event_histories() -> None:
+    b = make_batch(np.random.default_rng(5), [0, 0, 1], [2, 1, 1])
+    model = _model(b)
+    logits = model(b)
+    assert torch.isfinite(logits).all()
+    alone = make_batch(np.random.default_rng(5), [0], [1])
+    assert torch.isfinite(model(alone)).all()
+    model.loss(b).backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+def test_no_absolute_positions_only_time_since_action() -> None:
+    """Shifting every time (events and requests) by a constant changes nothing: tokens see only
+    the delay since their action."""
+    b = make_batch(np.random.default_rng(6), [5, 9], [2, 3])
+    model = _model(b)
+    shifted = RequestBatch(**{**b.__dict__, "hist_ts_ms": b.hist_ts_ms + 12345,
+                              "request_ts_ms": b.request_ts_ms + 12345})
+    torch.testing.assert_close(model(b), model(shifted), rtol=0, atol=0)
+
+
+def test_ragged_batch_equals_each_request_alone() -> None:
+    b = make_batch(np.random.default_rng(7), LENS, TARGETS)
+    model = _model(b)
+    whole = model(b)
+    parts = torch.cat([model(_one(b, r)) for r in range(b.num_requests)])
+    torch.testing.assert_close(whole, parts, rtol=1e-10, atol=1e-12)
+
+
+def test_a_mismatched_batch_is_refused() -> None:
+    b = make_batch(np.random.default_rng(8), [3], [2])
+    model = _model(b)
+    with pytest.raises(ValueError, match="dense"):
+        model(make_batch(np.random.default_rng(8), [3], [2], dense=3))
