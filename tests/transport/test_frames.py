@@ -282,7 +282,7 @@ def test_bad_version(version: int) -> None:
     refused(raw_head(version=version), Status.BAD_VERSION, f"protocol version {version}")
 
 
-@pytest.mark.parametrize("kind", [0, 3, 9, 18, 255])
+@pytest.mark.parametrize("kind", [0, 3, 9, 19, 255])
 def test_unknown_kind(kind: int) -> None:
     refused(raw_head(kind=kind), Status.UNKNOWN_KIND, f"unknown message kind {kind}")
 

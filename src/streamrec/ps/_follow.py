@@ -117,8 +117,6 @@ class Follower:
         self.members = spec.serving(t)
         self.k = spec.tables[t].fanout
         self.dead: dict[str, float] = {}  # member -> when it was found dead
-        self.resyncs = 0
-        self.gaps = 0
         self._need_sync = True
         self._target = 0  # a first sync: ready once the ring reaches this seq
         self._revived_at = time.monotonic()
@@ -163,7 +161,7 @@ class Follower:
                         failing_since = None
                     self._stop.wait(0.05)
                 except SequenceGap as exc:
-                    self.gaps += 1
+                    self.rep.gaps += 1
                     log.warning("table %d shard %d: %s from %s: re-syncing", self.rep.table_index,
                                 self.rep.shard, exc, parent)
                     self._need_sync = True
@@ -224,7 +222,7 @@ class Follower:
         end_epoch, _, end_seq, _ = self._where(parent)
         self._need_sync = end_epoch != epoch
         self._target = end_seq
-        self.resyncs += 1
+        self.rep.resyncs += 1
         log.info("table %d shard %d: synced %d rows from %s at epoch %d seq %d", t, s, rows, parent, epoch,
                  start_seq)
 

@@ -140,6 +140,7 @@ class ShardReplica:
         self.role = role
         self.ring = ring
         self.syncing = False
+        self.resyncs = self.gaps = 0  # a serving replica's syncs (the first included) and gaps seen
         self.parent = self.root = ""
         self.applied_log: collections.deque[tuple[int, int, int]] = collections.deque(maxlen=_APPLIED_LOG)
         self.has_peers = has_peers
@@ -505,7 +506,8 @@ def _fanout(r: ShardReplica) -> dict[str, Any]:
         return {"role": r.role}
     epoch, base, last, commit = r.ring.state()
     return {"role": r.role, "epoch": epoch, "seq": last, "commit_ns": commit, "ring_base": base,
-            "ring_bytes": r.ring.nbytes, "syncing": r.syncing, "parent": r.parent, "root": r.root}
+            "ring_bytes": r.ring.nbytes, "syncing": r.syncing, "parent": r.parent, "root": r.root,
+            "resyncs": r.resyncs, "gaps": r.gaps}
 
 
 def _warm(cfg: TableConfig) -> None:
