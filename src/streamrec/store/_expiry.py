@@ -7,15 +7,26 @@ hint (the key may have been refreshed or erased since), and the reclaim kernel
 checks the row's own expiry. Reads never depend on the wheel: a row past its
 expiry reads as absent even before its slice is reclaimed.
 
-Why slices rather than a heap: filing is a vectorised bucketing of a whole
-write batch (no per-key work in Python), and reclaiming a passed slice touches
-exactly its entries, so expiry costs work proportional to the rows that expire
-plus the refreshes, never a scan of the table.
+Why slices rather than a heap of keys: filing is a vectorised bucketing of a
+whole write batch (no per-key work in Python), and reclaiming a passed slice
+touches exactly its entries, so expiry costs work proportional to the rows that
+expire plus the refreshes, never a scan of the table. The slice numbers in use
+sit in a small heap, so finding the due ones does not scan every slice either
+(a sample join files its rows in 1-tick slices: tens of thousands of them).
+
+A slice is due once every expiry it can hold has passed: expiries are whole
+seconds and a row has expired at ``now >= expiry``, so slice s (expiries
+``[s*S, (s+1)*S - 1]``) is due at ``now >= (s+1)*S - 1``. With S = 1 that is
+the moment its rows expire, so after a write's reclaim no expired row is left
+(a sample join relies on it: an expired, unreclaimed row reborn by a write
+would vanish without being reported).
 
 Thread safety: writer only (the table calls it under its writer lock).
 """
 
 from __future__ import annotations
+
+import heapq
 
 import numpy as np
 
@@ -34,7 +45,16 @@ class ExpiryWheel:
             raise ValueError(f"slice_s: expected >= 1, got {slice_s}")
         self.slice_s = slice_s
         self._slices: dict[int, list[np.ndarray]] = {}
+        self._order: list[int] = []  # heap of the keys of _slices
         self.entries = 0
+
+    def _add(self, s: int, keys: np.ndarray) -> None:
+        got = self._slices.get(s)
+        if got is None:
+            self._slices[s] = [keys]
+            heapq.heappush(self._order, s)
+        else:
+            got.append(keys)
 
     def file(self, keys: np.ndarray, expires: np.ndarray) -> None:
         """File ``keys`` (K,) by their expiry ``expires`` (K,) or (1,); 0 = never."""
@@ -49,31 +69,33 @@ class ExpiryWheel:
         sl = exp.astype(np.int64) // self.slice_s
         first = int(sl[0])
         if (sl == first).all():  # the common case: one TTL for the whole batch
-            self._slices.setdefault(first, []).append(keys.copy())
+            self._add(first, keys.copy())
         else:
             order = np.argsort(sl, kind="stable")
             sl_sorted = sl[order]
             bounds = np.flatnonzero(np.diff(sl_sorted)) + 1
             for part in np.split(order, bounds):
-                self._slices.setdefault(int(sl[part[0]]), []).append(keys[part])
+                self._add(int(sl[part[0]]), keys[part])
         self.entries += keys.size
 
     def next_due(self) -> int | None:
         """The time (seconds) at which the earliest slice will have passed, or None."""
-        if not self._slices:
+        if not self._order:
             return None
-        return (min(self._slices) + 1) * self.slice_s
+        return (self._order[0] + 1) * self.slice_s - 1
 
     def pop_due(self, now: int) -> np.ndarray:
-        """Every key filed in a slice that ended at or before ``now``, removing them."""
-        due = [s for s in self._slices if (s + 1) * self.slice_s <= now]
-        if not due:
+        """Every key filed in a slice whose expiries have all passed at ``now``, removing them."""
+        parts: list[np.ndarray] = []
+        while self._order and (self._order[0] + 1) * self.slice_s - 1 <= now:
+            parts.extend(self._slices.pop(heapq.heappop(self._order)))
+        if not parts:
             return np.empty(0, dtype=np.uint64)
-        parts = [a for s in sorted(due) for a in self._slices.pop(s)]
         out = np.concatenate(parts) if len(parts) > 1 else parts[0]
         self.entries -= out.size
         return out
 
     def clear(self) -> None:
         self._slices.clear()
+        self._order.clear()
         self.entries = 0
