@@ -138,7 +138,7 @@ def _ps(args: argparse.Namespace) -> int:
     from streamrec.errors import ConfigError
 
     try:
-        spec = load_cluster_spec(args.config if args.what in ("serve", "dump") else args.file)
+        spec = load_cluster_spec(args.config if args.what in ("serve", "dump", "status") else args.file)
         if args.what in ("serve", "dump"):
             spec.node(args.node)
     except (ConfigError, OSError) as exc:
@@ -151,6 +151,14 @@ def _ps(args: argparse.Namespace) -> int:
         return 0
     if args.what == "dump":
         return _ps_dump(spec, args)
+    if args.what == "status":
+        import json
+
+        from streamrec.ps._status import cluster_status, format_status
+
+        rows = cluster_status(spec, timeout_s=args.timeout)
+        print(json.dumps(rows) if args.json else format_status(rows))
+        return 0
     from streamrec.ps.server import serve
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
@@ -264,6 +272,16 @@ def build_parser() -> argparse.ArgumentParser:
     dump.add_argument("--out", help="write the rows to this .npz file")
     dump.add_argument("--timeout", type=float, default=30.0, help="seconds per request (default 30)")
     dump.set_defaults(func=_ps)
+    status = ps_sub.add_parser("status", help="every replica's role, readiness, epoch, seq and lag",
+                               description="Ask every node of the spec (HELLO over TCP) where each replica "
+                               "stands: role (writable or serving), up, ready, epoch, applied seq, fan-out "
+                               "parent, and a serving replica's lag behind its root (the writable replica "
+                               "whose epoch it holds) in batches and seconds (the root's last commit time "
+                               "minus that of the last batch applied). '-': unknown (down, or re-syncing).")
+    status.add_argument("--config", required=True, help="cluster spec (TOML)")
+    status.add_argument("--json", action="store_true", help="one JSON list of rows instead of a table")
+    status.add_argument("--timeout", type=float, default=1.0, help="seconds per node (default 1)")
+    status.set_defaults(func=_ps)
     check = ps_sub.add_parser("check", help="validate a cluster spec",
                               description="Validate a cluster spec; errors name the line and field.")
     check.add_argument("file", help="cluster spec (TOML)")

@@ -15,8 +15,11 @@ against what the root holds and, for assigned rows, against the values written.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -26,6 +29,7 @@ import pytest
 from numpy.testing import assert_array_equal
 
 from streamrec.ps._follow import PARENT_DEAD_S
+from streamrec.ps._status import cluster_status
 from streamrec.ps.client import PSClient
 from streamrec.ps.local import LocalCluster, loopback_spec
 from streamrec.transport.frames import Frame, Kind, Status
@@ -228,3 +232,33 @@ def test_writable_root_restart_resyncs_the_tree(cluster: LocalCluster, ps: PSCli
     assert all(s["epoch"] not in (epoch, during["f01"]["epoch"]) for s in after.values())
     assert after["f01"]["root"] == after["f02"]["root"] == _ROOT
     _check_everywhere(ps, np.concatenate([keys, more]))
+
+
+def test_ps_status_shows_roles_and_lag(cluster: LocalCluster, ps: PSClient) -> None:
+    def status() -> dict[str, dict]:
+        out = subprocess.run([sys.executable, "-m", "streamrec.cli", "ps", "status", "--config",
+                              str(cluster.spec_path), "--json"], capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0, out.stderr
+        return {r["node"]: r for r in json.loads(out.stdout.splitlines()[-1])}
+
+    _caught_up(cluster)
+    rows = status()
+    assert {n: r["role"] for n, r in rows.items()} == {_ROOT: "writable", _OTHER: "writable",
+                                                       **{n: "serving" for n in _FAN}}
+    assert all(rows[n]["lag_batches"] == 0 and rows[n]["lag_s"] == 0 and rows[n]["root"] == _ROOT
+               for n in _FAN)
+    cluster.kill("f02")  # f05 gets nothing until it re-attaches (PARENT_DEAD_S)
+    t0 = time.monotonic()
+    for i in range(3):
+        keys = np.arange(400_000 + 100 * i, 400_100 + 100 * i, dtype=np.uint64)
+        ps.assign("emb", keys, _rows(keys, 5))
+        time.sleep(0.05)
+    rows = {r["node"]: r for r in cluster_status(cluster.spec, timeout_s=0.3)}
+    if time.monotonic() - t0 < PARENT_DEAD_S:  # else f05 may have re-attached: nothing to check
+        assert rows["f05"]["lag_batches"] == 3 and rows["f05"]["lag_s"] > 0.09, rows["f05"]
+    assert not rows["f02"]["up"] and rows["f02"]["lag_batches"] is None
+    text = subprocess.run([sys.executable, "-m", "streamrec.cli", "ps", "status", "--config",
+                           str(cluster.spec_path)], capture_output=True, text=True, timeout=60).stdout
+    assert text.splitlines()[0].split()[:4] == ["TABLE", "SHARD", "NODE", "ROLE"] and "f05" in text
+    cluster.restart("f02", timeout_s=120)
+    _caught_up(cluster)
