@@ -1,0 +1,384 @@
+"""Training: batch and online, with progressive validation, per-task metrics and periodic
+checkpoints; and the MovieLens-100k next-item evaluation.
+
+Owns: ``TrainConfig``, ``Trainer`` (one optimisation step per ``RequestBatch``, each batch scored
+before it is trained on), the loops over sample sources (``train_stream``: Parquet files, or the
+pipeline's in-process subscription), and the ml100k train/evaluate/compare functions. It must not
+define models (``stca``, ``baselines``) or read raw events (``pipeline``).
+
+Progressive validation: ``Trainer.step`` computes the batch's logits with the weights as they
+were before the batch, records them against the batch's labels (``metrics.ProgressiveMetrics``),
+and only then takes the gradient step, so every figure is out-of-sample. With length sampling on,
+those logits are of the training window (the sampled history suffix), not of the full history.
+
+The model protocol (``Ranker``): ``model(batch) -> logits (T, K)`` for the tasks
+``model.config.tasks``, ``model.loss(batch, logits) -> scalar``, and torch's ``parameters`` and
+``state_dict``. Sparse rows that live in the store (``embedding.StoreEmbedding``) take their
+optimizer step during ``backward``; the dense weights take a torch optimizer's step after it.
+
+Thread safety: a ``Trainer`` belongs to one thread.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
+
+import numpy as np
+import torch
+
+from streamrec.model.batch import DEFAULT_TASKS, RequestBatch
+from streamrec.model.checkpoint import publish
+from streamrec.model.metrics import ProgressiveMetrics, TaskSummary, hr_ndcg_at_k, target_ranks
+from streamrec.model.movielens import LeaveOneOut, MovieLens, ranking_requests, training_requests
+
+if TYPE_CHECKING:
+    import pyarrow as pa
+
+    from streamrec.store.sequence import SequenceStore
+    from streamrec.store.table import EmbeddingTable
+
+__all__ = [
+    "Ranker",
+    "StreamReport",
+    "TrainConfig",
+    "Trainer",
+    "evaluate_ml100k",
+    "parquet_samples",
+    "sample_batches",
+    "train_ml100k",
+    "train_stream",
+]
+
+
+class Ranker(Protocol):
+    """What the trainer needs of a model (``stca.STCA`` and the baselines satisfy it)."""
+
+    config: Any  # has .tasks
+
+    def __call__(self, batch: RequestBatch) -> torch.Tensor: ...
+
+    def loss(self, batch: RequestBatch, logits: torch.Tensor | None = None) -> torch.Tensor: ...
+
+    def parameters(self) -> Iterator[torch.nn.Parameter]: ...
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def train(self, mode: bool = True) -> Any: ...
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """How to train.
+
+    Attributes:
+        lr: the dense optimizer's (Adam) learning rate (1e-3, Adam's default).
+        weight_decay: Adam's L2 on dense weights (0).
+        min_len, max_len: each request's training history is cut to a length drawn between these
+            (``RequestBatch.sample_lengths``; the STCA recipe for length extrapolation). 0, 0: no
+            cut (the history as read). Defaults 0, 0.
+        eval_max_len: the history window of scoring outside training (10,000, the issue's serving L).
+        window: samples per task the windowed AUC/GAUC keep (100,000).
+        max_targets: a sample record batch larger than this is trained in slices of this many rows
+            (4,096): bounds a step's memory whatever the source hands over.
+        publish_every_s: seconds between checkpoint publishes when a model directory is given
+            (60; 0 = only at the end).
+        keep: checkpoint versions kept (3).
+        grad_clip: max global norm of the dense gradients (0 = none).
+        seed: seeds torch and the length sampler (0).
+    """
+
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    min_len: int = 0
+    max_len: int = 0
+    eval_max_len: int = 10_000
+    window: int = 100_000
+    max_targets: int = 4096
+    publish_every_s: float = 60.0
+    keep: int = 3
+    grad_clip: float = 0.0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not self.lr > 0:
+            raise ValueError(f"TrainConfig.lr: expected > 0, got {self.lr!r}")
+        if not (0 <= self.min_len <= self.max_len):
+            raise ValueError(f"TrainConfig.min_len/max_len: expected 0 <= min_len <= max_len, got "
+                             f"{self.min_len}, {self.max_len}")
+        for name in ("eval_max_len", "window", "max_targets", "keep"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"TrainConfig.{name}: expected >= 1, got {getattr(self, name)!r}")
+        if self.publish_every_s < 0 or self.grad_clip < 0 or self.weight_decay < 0:
+            raise ValueError("TrainConfig.publish_every_s/grad_clip/weight_decay: expected >= 0")
+
+
+class Trainer:
+    """Trains one model on ``RequestBatch``es, scoring each before it learns from it.
+
+    Args:
+        model: a ``Ranker`` (``torch.nn.Module``).
+        config: ``TrainConfig``.
+        model_dir: where to publish checkpoints (``checkpoint.publish``), or None.
+        tables: in-process ``EmbeddingTable``s the model's sparse rows live in (snapshotted into
+            each checkpoint), by name.
+        features: a JSON-able description of the feature set (goes into the manifest).
+
+    Example::
+
+        trainer = Trainer(STCA(cfg), TrainConfig(min_len=16, max_len=2000), model_dir="models/stca")
+        for batch in batches:
+            trainer.step(batch)
+        trainer.summary()["click"].auc
+
+    Thread safety: one thread.
+    """
+
+    def __init__(self, model: Ranker, config: TrainConfig | None = None, *,
+                 model_dir: str | Path | None = None, tables: Mapping[str, EmbeddingTable] | None = None,
+                 features: Mapping[str, Any] | None = None) -> None:
+        self.model = model
+        self.config = config or TrainConfig()
+        self.tasks: tuple[str, ...] = tuple(model.config.tasks)
+        self.model_dir = Path(model_dir) if model_dir is not None else None
+        self.tables = dict(tables or {})
+        self.features = dict(features or {})
+        torch.manual_seed(self.config.seed)
+        self._rng = np.random.default_rng(self.config.seed)
+        params = [p for p in model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.Adam(params, lr=self.config.lr, weight_decay=self.config.weight_decay)
+        self.metrics = ProgressiveMetrics(self.tasks, window=self.config.window)
+        self.best = ProgressiveMetrics(self.tasks, window=self.config.window)  # the generator's truth
+        self.samples = 0
+        self.batches = 0
+        self.last_loss = math.nan
+        self.versions: list[int] = []
+        self._last_publish = time.monotonic()
+
+    def step(self, batch: RequestBatch) -> float:
+        """Score ``batch`` (recorded in ``metrics``), then take one optimisation step on it.
+
+        Returns the batch's loss. Raises ValueError if the batch's tasks differ from the model's.
+        """
+        if tuple(batch.tasks) != self.tasks:
+            raise ValueError(f"batch.tasks: expected {self.tasks}, got {tuple(batch.tasks)}")
+        c = self.config
+        if c.max_len:
+            batch = batch.sample_lengths(self._rng, c.min_len, c.max_len)
+        self.model.train()
+        logits = self.model(batch)
+        self._record(batch, logits.detach())
+        loss = self.model.loss(batch, logits)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if c.grad_clip:
+            torch.nn.utils.clip_grad_norm_([p for g in self.optimizer.param_groups for p in g["params"]],
+                                           c.grad_clip)
+        self.optimizer.step()
+        self.samples += batch.num_targets
+        self.batches += 1
+        self.last_loss = float(loss.detach())
+        if self.model_dir is not None and c.publish_every_s and (
+                time.monotonic() - self._last_publish >= c.publish_every_s):
+            self.publish()
+        return self.last_loss
+
+    def _record(self, batch: RequestBatch, logits: torch.Tensor) -> None:
+        users = batch.user_id[batch.target_request].numpy()
+        labels = batch.labels.numpy()
+        z = logits.float().numpy()
+        self.metrics.update({t: labels[:, k] for k, t in enumerate(self.tasks)},
+                            {t: z[:, k] for k, t in enumerate(self.tasks)}, users=users)
+        if batch.truth is not None:
+            truth = batch.truth.numpy().astype(np.float64)
+            for k, t in enumerate(self.tasks):
+                ok = np.isfinite(truth[:, k])
+                if ok.any():
+                    p = np.clip(truth[ok, k], 1e-7, 1 - 1e-7)
+                    self.best.update({t: labels[ok, k]}, {t: np.log(p / (1 - p))}, users=users[ok])
+
+    def summary(self) -> dict[str, TaskSummary]:
+        """Per task, the progressive figures so far."""
+        return self.metrics.summary()
+
+    def best_summary(self) -> dict[str, TaskSummary]:
+        """Per task, the same figures for the generator's ground truth (nan without truth)."""
+        return self.best.summary()
+
+    def publish(self) -> int:
+        """Publish a checkpoint now (dense weights, optimizer, tables, manifest); returns its version."""
+        if self.model_dir is None:
+            raise ValueError("publish: the trainer has no model_dir")
+        cfg = self.model.config
+        model_cfg = (dataclasses.asdict(cfg) if dataclasses.is_dataclass(cfg) and not isinstance(cfg, type)
+                     else dict(vars(cfg)))
+        v = publish(self.model_dir, self.model.state_dict(), tables=self.tables,
+                    optimizer=self.optimizer.state_dict(),
+                    model_config={"class": type(self.model).__name__, **model_cfg},
+                    features=self.features,
+                    counters={"samples": self.samples, "batches": self.batches}, keep=self.config.keep)
+        self.versions.append(v)
+        self._last_publish = time.monotonic()
+        return v
+
+
+# -- sample sources --------------------------------------------------------------------------------
+
+
+def parquet_samples(paths: Sequence[str | Path], batch_rows: int = 65_536) -> Iterator[pa.RecordBatch]:
+    """Record batches of sample Parquet files (files, or directories of ``*.parquet``), in order."""
+    import pyarrow.parquet as pq
+
+    files: list[Path] = []
+    for p in map(Path, paths):
+        files += sorted(p.glob("**/*.parquet")) if p.is_dir() else [p]
+    if not files:
+        raise FileNotFoundError(f"no Parquet files in {[str(p) for p in paths]}")
+    for f in files:
+        yield from pq.ParquetFile(f).iter_batches(batch_size=batch_rows)
+
+
+def sample_batches(samples: Iterable[pa.RecordBatch], sequences: SequenceStore | None, *,
+                   tasks: Sequence[str] = DEFAULT_TASKS, max_len: int = 10_000, max_targets: int = 4096,
+                   kinds: Sequence[int] | None = None) -> Iterator[RequestBatch]:
+    """``RequestBatch``es from sample record batches (``SAMPLE_SCHEMA`` plus features).
+
+    Histories come from ``sequences`` (only events older than each request: ``from_samples``).
+    A record batch is cut into slices of at most ``max_targets`` rows; ``kinds`` keeps only
+    samples of those ``kind`` codes (None: all: eager positives, corrections and finals alike).
+    """
+    import pyarrow.compute as pc
+
+    for rb in samples:
+        if kinds is not None and rb.num_rows:
+            rb = rb.filter(pc.is_in(rb.column("kind"), value_set=_pa_int8(kinds)))
+        for lo in range(0, rb.num_rows, max_targets):
+            yield RequestBatch.from_samples(rb.slice(lo, max_targets), sequences, tasks=tasks,
+                                            max_len=max_len)
+
+
+def _pa_int8(values: Sequence[int]) -> pa.Array:
+    import pyarrow as pa
+
+    return pa.array(list(values), type=pa.int8())
+
+
+@dataclass(frozen=True)
+class StreamReport:
+    """What ``train_stream`` did.
+
+    Attributes:
+        samples, batches: trained.
+        seconds: wall time of the loop.
+        samples_per_s: samples / seconds.
+        tasks: per task, the progressive figures; ``best``: the same for the ground truth.
+        update_latency_s: per batch, from the batch's arrival (``arrivals``, else when the loop
+            received it) to the end of its step (the store holds its updated rows then).
+        versions: checkpoint versions published.
+    """
+
+    samples: int
+    batches: int
+    seconds: float
+    samples_per_s: float
+    tasks: dict[str, TaskSummary]
+    best: dict[str, TaskSummary]
+    update_latency_s: np.ndarray
+    versions: list[int]
+
+
+def train_stream(trainer: Trainer, batches: Iterable[RequestBatch | tuple[float, RequestBatch]], *,
+                 progress: bool = False, max_batches: int | None = None,
+                 on_step: Callable[[Trainer], None] | None = None) -> StreamReport:
+    """Train on a stream of batches (online mode when the stream is the pipeline's subscription).
+
+    Args:
+        trainer: the ``Trainer``.
+        batches: ``RequestBatch``es, or ``(arrival_perf_counter_s, batch)`` pairs whose first item
+            is when the batch's newest event arrived (``time.perf_counter()``), for the
+            event-to-update latency.
+        progress: show a rich progress bar (samples, samples/s, running AUC per task).
+        max_batches: stop after this many.
+        on_step: called after each step (e.g. to stop a source, or log).
+
+    Returns a ``StreamReport``; publishes a last checkpoint if the trainer has a model directory.
+    """
+    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    lat: list[float] = []
+    start = time.perf_counter()
+    n0 = trainer.samples
+    with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
+                  disable=not progress, transient=False) as bar:
+        task = bar.add_task("training", total=None)
+        it = iter(batches)
+        while max_batches is None or trainer.batches < max_batches:
+            try:
+                item = next(it)
+            except StopIteration:
+                break
+            if isinstance(item, tuple):
+                arrived, batch = item
+            else:
+                arrived, batch = time.perf_counter(), item
+            trainer.step(batch)
+            lat.append(time.perf_counter() - arrived)
+            if on_step is not None:
+                on_step(trainer)
+            if progress:
+                bar.update(task, description=_progress_line(trainer, time.perf_counter() - start, n0))
+    if trainer.model_dir is not None and trainer.batches:
+        trainer.publish()
+    secs = time.perf_counter() - start
+    n = trainer.samples - n0
+    return StreamReport(samples=n, batches=trainer.batches, seconds=secs,
+                        samples_per_s=n / secs if secs > 0 else math.nan, tasks=trainer.summary(),
+                        best=trainer.best_summary(), update_latency_s=np.asarray(lat),
+                        versions=list(trainer.versions))
+
+
+def _progress_line(trainer: Trainer, secs: float, n0: int) -> str:
+    rate = (trainer.samples - n0) / secs if secs > 0 else 0.0
+    parts = [f"{trainer.samples:,} samples  {rate:,.0f}/s  loss {trainer.last_loss:.4f}"]
+    best = trainer.best_summary()
+    for t, s in trainer.summary().items():
+        b = best[t].window_auc
+        parts.append(f"{t} AUC {s.window_auc:.4f}" + ("" if math.isnan(b) else f" (best {b:.4f})"))
+    return "  ".join(parts)
+
+
+# -- MovieLens-100k --------------------------------------------------------------------------------
+
+
+def train_ml100k(trainer: Trainer, data: MovieLens, split: LeaveOneOut, *, epochs: int = 1,
+                 negatives: int = 16, max_len: int = 200, requests: int = 256,
+                 progress: bool = False) -> StreamReport:
+    """Train next-item prediction on the split's training events for ``epochs`` epochs
+    (``movielens.training_requests``: each positive with ``negatives`` sampled negatives)."""
+    rng = np.random.default_rng(trainer.config.seed)
+    report = None
+    for _ in range(epochs):
+        batches = training_requests(data, split, rng, negatives=negatives, max_len=max_len, requests=requests)
+        report = train_stream(trainer, batches, progress=progress)
+    if report is None:
+        raise ValueError(f"epochs: expected >= 1, got {epochs}")
+    return report
+
+
+@torch.no_grad()
+def evaluate_ml100k(model: Ranker, data: MovieLens, split: LeaveOneOut, *, k: int = 10,
+                    max_len: int = 10_000, users: int = 8) -> tuple[float, float]:
+    """HR@K and NDCG@K of leave-one-out full ranking: every item scored as a candidate of one
+    request per evaluated user (the user's history items excluded), ties broken at random in
+    expectation (``metrics.hr_ndcg_at_k``)."""
+    model.train(False)
+    scores = np.empty((split.users.size, data.items.size), dtype=np.float32)
+    for rows, batch in ranking_requests(data, split, max_len=max_len, users=users):
+        scores[rows] = model(batch)[:, 0].float().numpy().reshape(rows.size, data.items.size)
+    greater, ties = target_ranks(scores, data.item_index(split.target_item), split.exclude)
+    return hr_ndcg_at_k(greater, ties, k)
