@@ -63,7 +63,7 @@ import numpy as np
 import pyarrow as pa
 
 from streamrec.errors import ConfigError, FeatureError, MissingColumns, NonFiniteInput
-from streamrec.pipeline.counters import Channel, Counters, CounterSpec
+from streamrec.pipeline.counters import Channel, Counters, CounterSpec, factorize
 from streamrec.pipeline.events import ACTIONS
 from streamrec.store import SequenceStore
 from streamrec.store._index import hash_key, hash_key_of_seed
@@ -369,8 +369,44 @@ class Sequence(Feature):
         if missing:
             raise FeatureError(f"the sequence store has no field(s) {missing}; it has {list(store.fields)}",
                                feature=self.name)
-        uniq, inv = np.unique(users.astype(np.uint64, copy=False), return_inverse=True)
-        inv = inv.astype(np.int64, copy=False)
+        extras = [f for f in self.fields if f not in _SEQ_TYPES]
+        b = users.shape[0]
+        if b == 0:
+            empty = (np.empty(0, np.int64), np.empty(0, np.int8), np.empty(0, np.int64),
+                     np.empty((len(extras), 0), np.float32))
+            return np.zeros(1, np.int64), self._named(empty, extras)
+        uniq, inv = factorize(users)
+        # Rows of one user at one time (a request's candidates) share a history:
+        # read it once per (user, time) pair, then copy it to each row.
+        t0 = int(ts_ms.min())
+        span = int(ts_ms.max()) - t0 + 1
+        pinv = None
+        if uniq.size * span < 1 << 62:
+            codes, pinv = factorize(inv * span + (ts_ms - t0))
+            if 2 * codes.shape[0] > b:
+                pinv = None  # mostly distinct: copying runs again would cost more than it saves
+            else:
+                c = codes.astype(np.int64)
+                inv, ts_ms = c // span, c % span + t0
+        poff, pout = self._read_pairs(store, uniq, inv, ts_ms, extras)
+        if pinv is None:
+            return poff, self._named(pout, extras)
+        offsets = np.zeros(b + 1, dtype=np.int64)
+        np.cumsum(np.diff(poff)[pinv], out=offsets[1:])
+        n = int(offsets[-1])
+        out = (np.empty(n, np.int64), np.empty(n, np.int8), np.empty(n, np.int64),
+               np.empty((len(extras), n), np.float32))
+        _seq_expand(poff, pinv, offsets, pout, out)
+        return offsets, self._named(out, extras)
+
+    def _named(self, out: tuple[np.ndarray, ...], extras: list[str]) -> dict[str, np.ndarray]:
+        got = {"item": out[0], "action": out[1], "timestamp": out[2]}
+        got.update({f: out[3][e] for e, f in enumerate(extras)})
+        return {f: got[f] for f in self.fields}
+
+    def _read_pairs(self, store: SequenceStore, uniq: np.ndarray, inv: np.ndarray, ts_ms: np.ndarray,
+                    extras: list[str]) -> tuple[np.ndarray, tuple[np.ndarray, ...]]:
+        """``read`` for distinct rows: user ``uniq[inv[i]]`` as of ``ts_ms[i]``."""
         held = store.length(uniq)
         want = -1 if self.last is None else self.last
         m = 0 if self.last is None else self.last + _SEQ_SLACK
@@ -396,9 +432,12 @@ class Sequence(Feature):
             m *= _SEQ_GROW
         offsets = np.zeros(inv.size + 1, dtype=np.int64)
         np.cumsum(counts, out=offsets[1:])
-        src = np.empty(int(offsets[-1]), dtype=np.int64)
-        _seq_fill(ends, cols["timestamp"], inv, ts_ms, offsets, src)
-        return offsets, {f: cols[f][src] for f in self.fields}
+        n = int(offsets[-1])
+        ext = np.stack([cols[f] for f in extras]) if extras else np.zeros((0, 0), np.float32)
+        out = (np.empty(n, np.int64), np.empty(n, np.int8), np.empty(n, np.int64),
+               np.empty((len(extras), n), np.float32))
+        _seq_fill(ends, cols["timestamp"], (cols["item"], cols["action"], ext), inv, ts_ms, offsets, out)
+        return offsets, out
 
 
 @dataclass(frozen=True)
@@ -961,18 +1000,53 @@ def _seq_count(starts: np.ndarray, ends: np.ndarray, ts: np.ndarray, inv: np.nda
 
 
 @kernel
-def _seq_fill(ends: np.ndarray, ts: np.ndarray, inv: np.ndarray, t: np.ndarray, offsets: np.ndarray,
-              src: np.ndarray) -> None:
-    """src[offsets[i]:offsets[i+1]] = positions of row i's selected events, oldest first.
+def _seq_fill(ends: np.ndarray, ts: np.ndarray, src: tuple[np.ndarray, np.ndarray, np.ndarray],
+              inv: np.ndarray, t: np.ndarray, offsets: np.ndarray,
+              out: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]) -> None:
+    """Row i's selected events into out[*][offsets[i]:offsets[i+1]], oldest first.
 
-    Requires: the counts of ``_seq_count`` in ``offsets`` (int64 (B+1,)); src int64 (offsets[-1],).
+    Copying here, in one pass per row, rather than gathering each field after
+    (4.4 s for three fields of 1 M rows of 50 events against about 1 s).
+
+    Requires: the counts of ``_seq_count`` in ``offsets`` (int64 (B+1,)); src: the flat item,
+    action and (E, n) extra columns the positions of ``ends`` address; out: item int64,
+    action int8, ts int64 (offsets[-1],) and extras float32 (E, offsets[-1]).
     """
+    items, acts, ext = src
+    o_items, o_acts, o_ts, o_ext = out
+    n_ext = o_ext.shape[0]
     for i in range(inv.shape[0]):
         u = inv[i]
         w = offsets[i + 1] - 1
         p = ends[u] - 1
         while w >= offsets[i]:
             if ts[p] < t[i]:
-                src[w] = p
+                o_items[w] = items[p]
+                o_acts[w] = acts[p]
+                o_ts[w] = ts[p]
+                for e in range(n_ext):
+                    o_ext[e, w] = ext[e, p]
                 w -= 1
             p -= 1
+
+
+@kernel
+def _seq_expand(poff: np.ndarray, pinv: np.ndarray, offsets: np.ndarray,
+                src: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray],
+                out: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]) -> None:
+    """Row i's run out[*][offsets[i]:offsets[i+1]] = its pair's run src[*][poff[p]:poff[p+1]], p = pinv[i].
+
+    Requires: offsets the cumulative run lengths of the rows' pairs; arrays as ``_seq_fill``'s out.
+    """
+    s_items, s_acts, s_ts, s_ext = src
+    o_items, o_acts, o_ts, o_ext = out
+    for i in range(pinv.shape[0]):
+        a = poff[pinv[i]]
+        w = offsets[i]
+        for k in range(offsets[i + 1] - w):
+            o_items[w + k] = s_items[a + k]
+            o_acts[w + k] = s_acts[a + k]
+            o_ts[w + k] = s_ts[a + k]
+        for e in range(o_ext.shape[0]):
+            for k in range(offsets[i + 1] - w):
+                o_ext[e, w + k] = s_ext[e, a + k]

@@ -19,9 +19,16 @@ on input whose events arrive in time order, which ``tests/pipeline/test_flink.py
   rounded up to ``close_tick_ms`` (the embedded runner stamps the watermark it closed at instead, which
   depends on its micro-batches, so the comparison leaves that one column out).
 
+Features: the store-free features of a ``FeatureSet`` (hashed ids, crosses, categoricals, buckets, time
+parts, functions) run in the job as pandas UDFs, one per output column, each a one-feature
+``FeatureSet`` computing exactly what the embedded runner computes; a ``scalar=True`` function runs as
+an ordinary (row-at-a-time) UDF. Flink hands a pandas UDF whole Arrow batches, so the vectorised
+kernels see batches as in the embedded runner.
+
 Not here (said so rather than half-done): the ``eager`` policy and late corrections need a changelog
-sink (an upsert table), and the features of a ``FeatureSet`` that read the store's windowed counters
-and sequences need the store beside each Flink task; the job runs in batch mode over bounded input.
+sink (an upsert table); features that read the store's windowed counters or sequences (``WindowCount``,
+``Ratio``, ``Sequence``) need the store beside each Flink task, so a feature set with any of them is
+refused by name; the job runs in batch mode over bounded input.
 Flink's bundled formats are CSV and JSON (no Parquet jar ships with ``apache-flink``), so events are
 staged as headerless CSV in schema order.
 
@@ -50,12 +57,15 @@ import pyarrow.csv as pacsv
 
 from streamrec.errors import ConfigError
 from streamrec.pipeline.events import ACTION_SCHEMA, ACTIONS, IMPRESSION_SCHEMA, SAMPLE_SCHEMA
+from streamrec.pipeline.features import Feature, FeatureSet, Function, Ratio, Sequence, WindowCount
 from streamrec.pipeline.join import JoinConfig
 
 __all__ = ["FlinkConfig", "FlinkResult", "flink_available", "run_flink"]
 
 _STAGED_IMPRESSIONS = IMPRESSION_SCHEMA.append(pa.field("arrival", pa.int64(), nullable=False))
-_SQL_TYPES = {pa.int64(): "BIGINT", pa.int32(): "INT", pa.int8(): "TINYINT", pa.float32(): "FLOAT"}
+_SQL_TYPES = {pa.int64(): "BIGINT", pa.int32(): "INT", pa.int8(): "TINYINT", pa.float32(): "FLOAT",
+              pa.float64(): "DOUBLE"}
+_STATEFUL = (WindowCount, Ratio, Sequence)
 
 
 @dataclass(frozen=True)
@@ -131,7 +141,7 @@ GROUP BY i.request_id, i.user_id, i.item_id, i.ts_ms, i.`position`, i.category, 
 
 
 def run_flink(impressions: Iterable[pa.RecordBatch], actions: Iterable[pa.RecordBatch], join: JoinConfig,
-              config: FlinkConfig | None = None) -> FlinkResult:
+              config: FlinkConfig | None = None, features: FeatureSet | None = None) -> FlinkResult:
     """Run the join over the given events as a Flink job and return its samples.
 
     Args:
@@ -139,11 +149,18 @@ def run_flink(impressions: Iterable[pa.RecordBatch], actions: Iterable[pa.Record
             events: what the embedded runner's sources pass on after the dead-letter check).
         join: the join's settings; only ``policy="at_close"`` with ``late="drop"`` runs here.
         config: where the job runs (default: a local mini-cluster).
+        features: a feature set of store-free features, appended to the samples (its ``schema``).
 
     Raises:
-        ConfigError: a policy this runner does not run, or Flink/Java missing (the reason is named).
+        ConfigError: a policy this runner does not run, a feature that reads the store, or Flink/Java
+            missing (the reason is named).
     """
     config = config or FlinkConfig()
+    if features is not None:
+        stateful = [f.name for f in features.features if isinstance(f, _STATEFUL)]
+        if stateful:
+            raise ConfigError(f"the Flink runner computes store-free features only; {stateful} read the "
+                              f"store's counters or sequences", field="features")
     if join.policy != "at_close" or join.late != "drop":
         raise ConfigError(f"the Flink runner runs policy='at_close' with late='drop' only, got "
                           f"policy={join.policy!r}, late={join.late!r}", field="join.policy")
@@ -159,13 +176,17 @@ def run_flink(impressions: Iterable[pa.RecordBatch], actions: Iterable[pa.Record
         shutil.rmtree(out, ignore_errors=True)
         t0 = time.perf_counter()
         env = _environment(config)
+        out_schema = SAMPLE_SCHEMA if features is None else pa.schema([*SAMPLE_SCHEMA, *features.schema])
         for name, schema in (("imps", _STAGED_IMPRESSIONS), ("acts", ACTION_SCHEMA),
-                             ("samples_out", SAMPLE_SCHEMA)):
+                             ("samples_out", out_schema)):
             env.execute_sql(_ddl(name, schema, work / name))
+        sql = join_sql(join)
+        if features is not None:
+            sql = _with_features(env, sql, features)
         t1 = time.perf_counter()
-        env.execute_sql(join_sql(join)).wait()
+        env.execute_sql(sql).wait()
         t2 = time.perf_counter()
-        return FlinkResult(_read(out), startup_s=t1 - t0, job_s=t2 - t1)
+        return FlinkResult(_read(out, out_schema), startup_s=t1 - t0, job_s=t2 - t1)
     finally:
         if own:
             shutil.rmtree(work, ignore_errors=True)
@@ -184,6 +205,45 @@ def _environment(config: FlinkConfig) -> Any:  # pyflink ships no type hints
         conf.set("rest.address", host)
         conf.set("rest.port", port)
     return env
+
+
+def _with_features(env: Any, join_insert: str, features: FeatureSet) -> str:
+    """The join's INSERT with one UDF call per feature column over the joined samples."""
+    from pyflink.table import DataTypes
+    from pyflink.table.udf import udf
+
+    flink_types = {pa.int64(): DataTypes.BIGINT(), pa.float32(): DataTypes.FLOAT(),
+                   pa.float64(): DataTypes.DOUBLE()}
+    calls = []
+    for f in features.features:
+        fld = f.output_fields()[0]
+        scalar = isinstance(f, Function) and f.scalar
+        fn = udf(_FeatureColumn(f, scalar), result_type=flink_types[fld.type],
+                 func_type="general" if scalar else "pandas")
+        env.create_temporary_function(f"feature_{f.name}", fn)
+        args = ", ".join(f"s.`{c}`" for c in f.inputs) or "s.ts_ms"
+        calls.append(f"feature_{f.name}({args}) AS `{fld.name}`")
+    head, select = join_insert.split("SELECT", 1)
+    return f"{head}SELECT s.*, {', '.join(calls)} FROM (SELECT{select}) AS s"
+
+
+class _FeatureColumn:
+    """One feature's column, as a Flink UDF: the same one-feature ``FeatureSet`` the embedded runner's
+    plan runs, over pandas Series (a batch) or, for a ``scalar`` function, Python scalars (a row)."""
+
+    def __init__(self, feature: Feature, scalar: bool) -> None:
+        self.feature, self.scalar = feature, scalar
+        self.inputs = feature.inputs or ("ts_ms",)
+        self._fs: FeatureSet | None = None
+
+    def __call__(self, *cols: Any) -> Any:
+        if self._fs is None:  # built in the Python worker, after unpickling
+            self._fs = FeatureSet([self.feature])
+        fs = self._fs
+        arrays = [pa.array([c]) if self.scalar else pa.Array.from_pandas(c) for c in cols]
+        batch = pa.RecordBatch.from_arrays(arrays, names=list(self.inputs))
+        out = fs.transform(batch, fs.make_stores()).column(self.feature.name)
+        return out[0].as_py() if self.scalar else out.to_pandas()
 
 
 def _ddl(name: str, schema: pa.Schema, path: Path) -> str:
@@ -208,12 +268,12 @@ def _stage(path: Path, schema: pa.Schema, batches: Iterable[pa.RecordBatch]) -> 
             w.write_batch(b.select(schema.names).cast(schema))
 
 
-def _read(out: Path) -> pa.Table:
+def _read(out: Path, schema: pa.Schema) -> pa.Table:
     files = sorted(p for p in out.rglob("*") if p.is_file() and not p.name.startswith((".", "_")))
-    convert = pacsv.ConvertOptions(column_types=SAMPLE_SCHEMA, null_values=[""], strings_can_be_null=True)
-    read = pacsv.ReadOptions(column_names=SAMPLE_SCHEMA.names)
+    convert = pacsv.ConvertOptions(column_types=schema, null_values=[""], strings_can_be_null=True)
+    read = pacsv.ReadOptions(column_names=schema.names)
     parts = [pacsv.read_csv(p, read_options=read, convert_options=convert) for p in files]
-    table = pa.concat_tables(parts) if parts else SAMPLE_SCHEMA.empty_table()
-    table = table.cast(SAMPLE_SCHEMA)
+    table = pa.concat_tables(parts) if parts else schema.empty_table()
+    table = table.cast(schema)
     order = np.lexsort([table[c].to_numpy() for c in ("item_id", "request_id", "ts_ms")])
     return table.take(pa.array(order))

@@ -811,7 +811,8 @@ def _write_file(table: pa.Table, path: Path, fmt: str) -> None:
 
         pcsv.write_csv(table, tmp)
     else:
-        table.to_pandas().to_json(tmp, orient="records", lines=True)
+        # 15 decimals: a float32 probability as small as 1e-6 keeps its 9 significant digits (exact).
+        table.to_pandas().to_json(tmp, orient="records", lines=True, double_precision=15)
     os.replace(tmp, path)
 
 
