@@ -209,9 +209,14 @@ class SequenceRanker(nn.Module):
 
     head: nn.Sequential
 
+    window: int | None = None
+    """Newest events a subclass looks at (None: the whole history it is given)."""
+
     def forward(self, batch: RequestBatch) -> torch.Tensor:
         """Logits (T, K), row t for target t, column k for task ``config.tasks[k]``."""
         self._check(batch)
+        if self.window is not None and bool((batch.hist_lengths > self.window).any()):
+            batch = batch.truncate(self.window)
         tokens, target = self.embed(batch)
         parts = [self.interest(batch, tokens, target), target, *self.features(batch)]
         return self.head(torch.cat(parts, dim=1))
