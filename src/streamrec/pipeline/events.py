@@ -127,16 +127,18 @@ class ValidationConfig:
 
     Attributes:
         max_future_ms: an event more than this far ahead of the reference time is ``future``; None turns
-            the check off. Default 5 min (a client clock a little fast passes; a wrong year does not).
+            the check off. Default 1 h: a clock a little fast, or a quiet stream whose batch spans
+            minutes, passes; a clock a day or a year off does not.
         allowed_lateness_ms: an event more than this far behind the watermark is ``too_late``; None turns
             the check off. Default 1 h: beyond the longest label window (30 min), so the join sees late
             actions within its reach and decides itself (drop or correct).
-        clock: the reference of ``future``: "event" (the stream's own frontier: the largest event time
-            passed so far, or the batch's median for the first batch; right for replays) or "wall"
-            (the machine's clock; right for live traffic). Default "event".
+        clock: the reference of ``future``: "event" (the stream's own time: the later of the largest event
+            time passed so far and the batch's median, so a stream that resumes after a quiet gap is not
+            refused; right for replays) or "wall" (the machine's clock; right for live traffic).
+            Default "event".
     """
 
-    max_future_ms: int | None = 300_000
+    max_future_ms: int | None = 3_600_000
     allowed_lateness_ms: int | None = 3_600_000
     clock: str = "event"
 
@@ -203,8 +205,9 @@ def validate(batch: pa.RecordBatch | pa.Table, kind: str, *, reference_ms: int |
     field (absent column or null), a mistyped field, an id outside [0, 2**53), another value out of its
     range (position, category, device >= 0 and int32; hour 0-23; value finite >= 0; gt_* in [0, 1]),
     an unknown action (a code outside ``ACTIONS``, or a name that is not one of its keys), then ``future``
-    (later than ``reference_ms + max_future_ms``; ``reference_ms`` None: the median event time of the rows
-    good so far) and ``too_late`` (earlier than ``watermark_ms - allowed_lateness_ms``; skipped when
+    (later than ``reference_ms + max_future_ms``; with the "event" clock the reference is the later of
+    ``reference_ms`` and the median event time of the rows good so far, with the "wall" clock it is
+    ``reference_ms`` or else now) and ``too_late`` (earlier than ``watermark_ms - allowed_lateness_ms``; skipped when
     ``watermark_ms`` is None). Extra columns are dropped; a missing nullable column is all nulls.
 
     Args:
@@ -269,8 +272,11 @@ def validate(batch: pa.RecordBatch | pa.Table, kind: str, *, reference_ms: int |
     refuse(ts < 0, f"{Reason.OUT_OF_RANGE}:ts_ms")
     if cfg.max_future_ms is not None:
         ref = reference_ms
-        if ref is None and (code == 0).any():
-            ref = int(np.median(ts[code == 0]))
+        if cfg.clock == "wall":
+            ref = int(time.time() * 1000) if ref is None else ref
+        elif (code == 0).any():
+            median = int(np.median(ts[code == 0]))
+            ref = median if ref is None else max(ref, median)
         if ref is not None:
             refuse(ts > ref + cfg.max_future_ms, Reason.FUTURE)
     if cfg.allowed_lateness_ms is not None and watermark_ms is not None:
@@ -365,7 +371,7 @@ class EventReader:
         raw = self.source.read(max_rows)
         if raw is None:
             return None
-        ref = int(time.time() * 1000) if self.config.clock == "wall" else self._frontier
+        ref = None if self.config.clock == "wall" else self._frontier
         wm = self.watermark_ms if self.watermark_ms is not None else self._frontier
         split = validate(raw, self.kind, reference_ms=ref, watermark_ms=wm, config=self.config)
         if split.bad.num_rows:
