@@ -16,6 +16,15 @@ import pytest
 
 from streamrec.errors import ConfigError
 from streamrec.pipeline.events import SAMPLE_SCHEMA
+from streamrec.pipeline.features import (
+    Bucketize,
+    Cross,
+    FeatureSet,
+    Function,
+    HashedId,
+    TimePart,
+    default_features,
+)
 from streamrec.pipeline.flink import FlinkConfig, flink_available, join_sql, run_flink
 from streamrec.pipeline.generate import GeneratorConfig, generate
 from streamrec.pipeline.join import JoinConfig, SampleJoin
@@ -38,6 +47,17 @@ def _embedded(imps: list[pa.RecordBatch], acts: list[pa.RecordBatch], join: Join
     return t.take(pa.array(order))
 
 
+def _store_free_features() -> FeatureSet:
+    return FeatureSet([
+        HashedId("user_hash", column="user_id", buckets=1 << 20),
+        Cross("user_x_category", columns=("user_id", "category"), buckets=1 << 16),
+        Bucketize("position_bucket", column="position", boundaries=(1, 2, 3, 5, 8, 13)),
+        TimePart("day_of_week", part="day_of_week"),
+        Function("log_watch", fn="numpy:log1p", args=("watch_time",), dtype="float32"),
+        Function("log_watch_row", fn="math:log1p", args=("watch_time",), dtype="float64", scalar=True),
+    ], name="store_free")
+
+
 @needs_flink
 def test_flink_and_embedded_give_the_same_samples() -> None:
     cfg = GeneratorConfig(users=200, items=2_000, categories=20, impressions_per_s=400.0, step_s=1.0,
@@ -45,10 +65,13 @@ def test_flink_and_embedded_give_the_same_samples() -> None:
     steps = list(generate(cfg, events=12_000))
     imps, acts = [s[0] for s in steps], [s[1] for s in steps]
     join = JoinConfig(window_s=60, huge_pages=False)
+    fs = _store_free_features()
     want = _embedded(imps, acts, join, 1000, cfg.start_ms)
-    got = run_flink(imps, acts, join, FlinkConfig()).samples
+    want = pa.Table.from_batches([fs.transform(b, fs.make_stores()) for b in want.to_batches()])
+    got = run_flink(imps, acts, join, FlinkConfig(), features=fs).samples
     assert want.num_rows > 3_000 and int(pa.compute.sum(want["click"]).as_py()) > 50
-    cols = [c for c in SAMPLE_SCHEMA.names if c != "emit_ts_ms"]
+    cols = [c for c in want.schema.names if c != "emit_ts_ms"]
+    assert got.schema.names == want.schema.names
     assert got.num_rows == want.num_rows
     for c in cols:
         assert got[c].equals(want[c]), c
@@ -61,6 +84,8 @@ def test_flink_runner_refuses_what_it_does_not_run() -> None:
         run_flink([], [], JoinConfig(policy="eager"))
     with pytest.raises(ConfigError, match="HOST:PORT"):
         FlinkConfig(jobmanager="nohost")
+    with pytest.raises(ConfigError, match="user_clicks_1h"):
+        run_flink([], [], JoinConfig(), features=default_features())
 
 
 def test_join_sql_names_every_label_and_the_window() -> None:
