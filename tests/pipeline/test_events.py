@@ -28,8 +28,8 @@ from streamrec.pipeline.generate import GeneratorConfig, generate, write_events
 from streamrec.pipeline.sources import FileSource, IteratorSource, Offset
 
 T0 = 1_767_225_600_000
-SMALL = GeneratorConfig(users=200, items=2000, categories=20, impressions_per_s=2000, late_delay_s=(5.0, 20.0),
-                        duplicate_delay_s=3.0)
+SMALL = GeneratorConfig(users=200, items=2000, categories=20, impressions_per_s=2000,
+                        late_delay_s=(5.0, 20.0), duplicate_delay_s=3.0)
 
 
 def _action(i: int, **over: Any) -> dict[str, Any]:
@@ -65,8 +65,10 @@ def test_every_kind_of_bad_event_goes_to_dead_letters_and_the_stream_goes_on(tmp
     lines += ["{not json", json.dumps([1, 2, 3])] + [json.dumps(r) for r in good1[5:]]
     _write_jsonl(d / "part-000.jsonl", lines)
     # A second file, read after the frontier reached T0 + 9 s: a row 2 h older is too late.
-    good2 = [_action(i, action="like") for i in range(10, 15)] + [_action(15, action=ACTIONS["finish"], value=12.5)]
-    bad2 = {"too_late": _action(16, ts_ms=T0 - 7_200_000), "unknown_action#name": _action(17, action="teleport")}
+    good2 = [_action(i, action="like") for i in range(10, 15)]
+    good2.append(_action(15, action=ACTIONS["finish"], value=12.5))
+    bad2 = {"too_late": _action(16, ts_ms=T0 - 7_200_000),
+            "unknown_action#name": _action(17, action="teleport")}
     _write_jsonl(d / "part-001.jsonl", [json.dumps(r) for r in good2 + list(bad2.values())])
 
     dl_path = tmp_path / "dead" / "letters.jsonl"
@@ -223,7 +225,10 @@ def test_offset_save_and_seek_resume_exactly(tmp_path_factory: pytest.TempPathFa
     second.seek(saved)
     after = _drain(second, reads[cut % len(reads):] + reads[:cut % len(reads)])
     # Batch boundaries may differ after the resume, so compare rows as a multiset in read order per file.
-    assert sorted(before + after, key=lambda r: r["request_id"]) == sorted(full, key=lambda r: r["request_id"])
+    def key(r: dict[str, Any]) -> int:
+        return int(r["request_id"])
+
+    assert sorted(before + after, key=key) == sorted(full, key=key)
     assert len(before) + len(after) == len(full)
 
 
@@ -233,7 +238,8 @@ def test_iterator_source_resumes_exactly(sizes: list[int], cut: int, step: int) 
     batches = []
     start = 0
     for n in sizes:
-        batches.append(pa.RecordBatch.from_pylist([_action(start + j) for j in range(n)], schema=ACTION_SCHEMA))
+        rows = [_action(start + j) for j in range(n)]
+        batches.append(pa.RecordBatch.from_pylist(rows, schema=ACTION_SCHEMA))
         start += n
     first = IteratorSource(lambda: iter(batches))
     seen = []

@@ -31,12 +31,12 @@ from streamrec.pipeline.sources import FileSource, IteratorSource, Offset, Sourc
 __all__ = [
     "ACTIONS",
     "ACTION_SCHEMA",
-    "DeadLetters",
-    "EventReader",
     "IMPRESSION_SCHEMA",
     "MAX_ID",
-    "Offset",
     "SAMPLE_SCHEMA",
+    "DeadLetters",
+    "EventReader",
+    "Offset",
     "Source",
     "Split",
     "ValidationConfig",
@@ -207,8 +207,8 @@ def validate(batch: pa.RecordBatch | pa.Table, kind: str, *, reference_ms: int |
     an unknown action (a code outside ``ACTIONS``, or a name that is not one of its keys), then ``future``
     (later than ``reference_ms + max_future_ms``; with the "event" clock the reference is the later of
     ``reference_ms`` and the median event time of the rows good so far, with the "wall" clock it is
-    ``reference_ms`` or else now) and ``too_late`` (earlier than ``watermark_ms - allowed_lateness_ms``; skipped when
-    ``watermark_ms`` is None). Extra columns are dropped; a missing nullable column is all nulls.
+    ``reference_ms`` or else now) and ``too_late`` (earlier than ``watermark_ms - allowed_lateness_ms``;
+    skipped when ``watermark_ms`` is None). Extra columns are dropped; a missing nullable column is all nulls.
 
     Args:
         batch: rows of any column types (a CSV's strings, a JSON reader's guesses, an exact batch).
