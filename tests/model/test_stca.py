@@ -143,3 +143,21 @@ def test_a_mismatched_batch_is_refused() -> None:
     model = _model(b)
     with pytest.raises(ValueError, match="dense"):
         model(make_batch(np.random.default_rng(8), [3], [2], dense=3))
+
+
+@pytest.mark.parametrize("lens", [[40, 40, 40], [1], [0, 0], [64]])
+def test_the_fused_path_equals_the_blocks(lens: list[int]) -> None:
+    b = make_batch(np.random.default_rng(9), lens, [3] * len(lens))
+    t, n = b.num_targets, b.num_events
+    q, k, v = (torch.randn(x, 2, 4, dtype=torch.float64, requires_grad=True) for x in (t, n, n))
+    outs, grads = [], []
+    for fused in (True, False):
+        o = ragged_target_attention(q, k, v, b.hist_offsets, b.target_offsets, chunk=16, fused=fused)
+        outs.append(o)
+        if o.requires_grad:  # no history at all: constant zeros
+            grads.append(torch.autograd.grad((o * o).sum(), (q, k, v), allow_unused=True))
+    torch.testing.assert_close(outs[0], outs[1], rtol=1e-10, atol=1e-12)
+    assert len(grads) == (0 if sum(lens) == 0 else 2)
+    for x, y in zip(*grads, strict=True):
+        if x is not None and y is not None:
+            torch.testing.assert_close(x, y, rtol=1e-9, atol=1e-12)

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.nn import functional
 
 from streamrec.model._layers import ModelConfig, SequenceRanker, SwiGLU, scaled
 from streamrec.model.batch import RequestBatch
@@ -34,21 +35,28 @@ __all__ = ["STCA", "ModelConfig", "ragged_target_attention"]
 
 
 def ragged_target_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, hist_offsets: torch.Tensor,
-                            target_offsets: torch.Tensor, chunk: int = 64) -> torch.Tensor:
+                            target_offsets: torch.Tensor, chunk: int = 64, *, fused: bool = True) -> torch.Tensor:
     """Each target's query attends over its own request's history only.
 
     Shapes: R requests, N tokens, T targets, H heads, E per head.
     q (T, H, E); k, v (N, H, E); hist_offsets, target_offsets int64 (R + 1,).
     Returns (T, H, E); a target whose request has no history gets zeros.
 
-    The history is cut into blocks of ``chunk`` tokens that never cross a
-    request (so each history is padded by under ``chunk`` tokens, never to the
-    longest), and the request's queries are padded to its batch's most targets
-    per request, M. Scores are one batched matmul per layer over the blocks
+    Ragged batches: the history is cut into blocks of ``chunk`` tokens that
+    never cross a request (so each history is padded by under ``chunk`` tokens,
+    never to the longest), and each request's queries are padded to the batch's
+    most targets per request, M. Scores are one batched matmul over the blocks
     ((blocks, H, M, chunk)); the softmax runs over all blocks of a request (a
-    segment softmax: a shared per-request maximum from ``scatter_reduce``,
-    sums with ``index_add``), so the result equals a dense softmax over the
-    request's L tokens.
+    segment softmax: a per-request maximum from ``scatter_reduce``, sums with
+    ``index_add``), so the result equals a dense softmax over the request's L
+    tokens.
+
+    ``fused``: when every request has the same history length and the same
+    number of targets (one serving request; a batch with the history copied per
+    target), nothing is ragged and torch's fused ``scaled_dot_product_attention``
+    runs on plain views (3-5x faster on CPU than the blocks, measured at L=10k:
+    it never materialises the scores). Both paths compute the same function
+    (``test_stca``).
     """
     r = hist_offsets.shape[0] - 1
     t, h, e = q.shape
@@ -59,6 +67,11 @@ def ragged_target_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, h
     out = q.new_zeros(t, h, e)
     if m == 0 or k.shape[0] == 0:
         return out
+    if fused and bool((lens == lens[0]).all()) and bool((m_per == m).all()):
+        big_l = int(lens[0])
+        qd = q.view(r, m, h, e).transpose(1, 2)
+        kd, vd = (x.view(r, big_l, h, e).transpose(1, 2) for x in (k, v))
+        return functional.scaled_dot_product_attention(qd, kd, vd).transpose(1, 2).reshape(t, h, e)
     # Blocks: request of each, first token, valid tokens.
     nblk = (lens + chunk - 1) // chunk
     blk_req = torch.repeat_interleave(torch.arange(r, device=dev), nblk)
@@ -70,24 +83,26 @@ def ragged_target_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, h
     valid = pos.unsqueeze(0) < blk_valid.unsqueeze(1)  # (B, C)
     tok = torch.where(valid, blk_start.unsqueeze(1) + pos, blk_start.unsqueeze(1))
     kb = k[tok]  # (B, C, H, E)
-    vb = v[tok]
+    # A column of ones after v: the softmax's denominator comes out of the same matmul.
+    vb = torch.cat([v, v.new_ones(v.shape[0], h, 1)], dim=2)[tok]  # (B, C, H, E + 1)
     # Queries padded per request: (R, M, H, E).
     t_req = torch.repeat_interleave(torch.arange(r, device=dev), m_per)
     t_slot = torch.arange(t, device=dev) - target_offsets[:-1][t_req]
     qpad = q.new_zeros(r, m, h, e)
     qpad[t_req, t_slot] = scaled(q)
-    qb = qpad[blk_req]  # (B, M, H, E)
-    s = torch.einsum("bmhe,bche->bhmc", qb, kb)
-    s = s.masked_fill(~valid[:, None, None, :], float("-inf"))
+    s = torch.einsum("bmhe,bche->bhmc", qpad[blk_req], kb)
+    # Only a request's last block can be partial: mask those few, not every block.
+    part = torch.nonzero(blk_valid < chunk).squeeze(1)
+    if part.numel():
+        s = s.index_put((part,), s[part].masked_fill(~valid[part][:, None, None, :], float("-inf")))
     # Segment softmax over each request's blocks; the shift is a constant for autograd.
     with torch.no_grad():
         top = q.new_full((r, h, m), float("-inf")).scatter_reduce_(
             0, blk_req[:, None, None].expand(-1, h, m), s.amax(dim=3), reduce="amax", include_self=True)
         top = torch.nan_to_num(top, neginf=0.0)
-    p = torch.exp(s - top[blk_req].unsqueeze(3))
-    denom = q.new_zeros(r, h, m).index_add_(0, blk_req, p.sum(dim=3))
-    num = q.new_zeros(r, m, h, e).index_add_(0, blk_req, torch.einsum("bhmc,bche->bmhe", p, vb))
-    att = num / denom.permute(0, 2, 1).unsqueeze(3).clamp_min(1e-30)
+    p = (s - top[blk_req].unsqueeze(3)).exp_()
+    num = q.new_zeros(r, m, h, e + 1).index_add_(0, blk_req, torch.einsum("bhmc,bche->bmhe", p, vb))
+    att = num[..., :e] / num[..., e:].clamp_min(1e-30)
     return att[t_req, t_slot]
 
 
