@@ -35,7 +35,8 @@ __all__ = ["STCA", "ModelConfig", "ragged_target_attention"]
 
 
 def ragged_target_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, hist_offsets: torch.Tensor,
-                            target_offsets: torch.Tensor, chunk: int = 64, *, fused: bool = True) -> torch.Tensor:
+                            target_offsets: torch.Tensor, chunk: int = 64, *,
+                            fused: bool = True) -> torch.Tensor:
     """Each target's query attends over its own request's history only.
 
     Shapes: R requests, N tokens, T targets, H heads, E per head.
