@@ -87,8 +87,9 @@ class GeneratorConfig:
         affinity: median log-odds boost of a frequent interest (log-normal, sigma 0.3). Default 1.5.
         interest_share: fraction of candidates drawn from the user's frequent interests; the rest follow
             global popularity. Default 0.5.
-        drift_rate: chance per impression of the user that a given frequent interest moves to the next
-            category. Default 1e-4 (one move per 10k impressions).
+        drift_rate: moves per impression of the user: each frequent interest moves to the next category
+            once every ``1 / drift_rate`` of the user's impressions (at a random phase per interest).
+            Default 1e-4 (one move per 10k impressions).
         zipf_exponent: item popularity ~ rank**-s. Default 0.9.
         candidates_median: median candidates per request (log-normal). Default 16.
         candidates_sigma: log-normal sigma of candidates per request. Default 0.6.
