@@ -9,13 +9,23 @@ Adagrad, into a table of 20,000 rows):
   with it as a PS server's handler would be) and 2 follower processes on
   loopback. A batch counts once a majority committed it and the leader applied
   it. Submissions are pipelined (``--window`` in flight, default 64).
+- ``fanout``: the same batches through the parameter server, one writable
+  replica process (``streamrec ps serve``) holding two tables, ``plain`` (no
+  fan-out: its writes log nothing) and ``fan`` (``--fanout-replicas`` read-only
+  serving replicas, default 4, pulling every committed batch from it, k = 4).
+  One client (shared memory) alternates between the tables in 3 rounds each,
+  so both figures come from the same processes and the same load; the ratio is
+  what the fan-out source costs the write path (logging resulting rows, serving
+  PULLs). Checked after the run: every serving replica reaches the writable
+  replica's seq and holds every row with the writable replica's values.
 Figures: ``none_rows_per_s``, ``strong_rows_per_s``, ``strong_over_none``
 (target >= 0.33: strong costs < 3x), ``strong_batches_per_s`` (committed 64 KiB
 batches/s at saturation), and commit latency (submit to acknowledgement)
 ``p50_ms``/``p99_ms`` measured open-loop at half the saturated rate (target
 p99 <= 20 ms), with ``sync_p50_ms``/``sync_p99_ms`` for one batch in flight.
-Fan-out-only throughput is not measured: the fan-out tree has no transport yet
-(``benchmarks/propagation.py`` simulates it).
+Fan-out figures: ``fanout_replicas``, ``ps_rows_per_s`` (through the server,
+no fan-out), ``fanout_rows_per_s`` (with the serving replicas pulling),
+``fanout_over_ps``.
 
 Caveats printed with the figures: all three members share this machine's two
 cores with the writer, so the strong path also pays the followers' CPU, which
@@ -27,7 +37,8 @@ one leader they are the same entries, and nothing is applied twice.
 JSON keys (``--json``, last line of stdout): ``batch_bytes``, ``rows_per_batch``,
 ``none_rows_per_s``, ``strong_rows_per_s``, ``strong_over_none``,
 ``strong_batches_per_s``, ``half_rate_batches_per_s``, ``p50_ms``, ``p99_ms``,
-``sync_p50_ms``, ``sync_p99_ms``.
+``sync_p50_ms``, ``sync_p99_ms``, ``fanout_replicas``, ``ps_rows_per_s``, ``fanout_rows_per_s``,
+``fanout_over_ps``.
 
 Run: ``python benchmarks/replication.py [--smoke|--quick] [--json]`` or
 ``streamrec bench replication``.
@@ -37,6 +48,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import socket
 import subprocess
@@ -53,7 +65,8 @@ from streamrec.ps.raftlog import Ack, BatchLog, Op, RaftLogConfig
 from streamrec.store import EmbeddingTable
 
 KEYS = ("batch_bytes", "rows_per_batch", "none_rows_per_s", "strong_rows_per_s", "strong_over_none",
-        "strong_batches_per_s", "half_rate_batches_per_s", "p50_ms", "p99_ms", "sync_p50_ms", "sync_p99_ms")
+        "strong_batches_per_s", "half_rate_batches_per_s", "p50_ms", "p99_ms", "sync_p50_ms", "sync_p99_ms",
+        "fanout_replicas", "ps_rows_per_s", "fanout_rows_per_s", "fanout_over_ps")
 DIM = 64
 BATCH_BYTES = 64 * 1024
 ROWS = BATCH_BYTES // (8 + 4 * DIM)  # 248
@@ -162,6 +175,60 @@ class Writer:
                 self.cv.wait(1.0)
 
 
+def measure_fanout(serving: int, data: list[tuple[np.ndarray, np.ndarray]],
+                   seconds: float) -> tuple[float, float]:
+    """(rows/s into ``plain``, rows/s into ``fan``) through one server process (module doc),
+    after checking that every serving replica holds the writable replica's rows."""
+    from streamrec.cluster.spec import ClusterSpec, NodeSpec, TableSpec
+    from streamrec.config import table_config_from_dict
+    from streamrec.ps.client import PSClient
+    from streamrec.ps.local import LocalCluster, free_port
+
+    name = f"replication-fanout-{os.getpid()}"
+    root = Path("/dev/shm/streamrec") / name
+    fan = tuple(f"f{i:02d}" for i in range(1, serving + 1))
+    nodes = [NodeSpec(n, port=free_port(), zone="fan" if n in fan else "z", data_dir=str(root / n))
+             for n in ("w", *fan)]
+    cfg = table_config_from_dict({"dim": DIM, "optimizer": "adagrad", "capacity": 2 * TABLE_ROWS})
+    spec = ClusterSpec(name, tuple(nodes), (TableSpec("plain", cfg), TableSpec("fan", cfg, serving=fan)))
+    keys = np.arange(TABLE_ROWS, dtype=np.uint64)
+    rates: dict[str, list[float]] = {"plain": [], "fan": []}
+    with LocalCluster(spec) as cluster:
+        cluster.start(timeout_s=300)
+        with PSClient(spec, timeout_s=30.0) as ps:
+            for table in rates:
+                ps.assign(table, keys, np.zeros((TABLE_ROWS, DIM), np.float32))
+                ps.apply_gradients(table, *data[0], 0.01)
+            for _ in range(3):
+                for table, out in rates.items():
+                    done, t0 = 0, time.perf_counter()
+                    while time.perf_counter() - t0 < seconds / 3:
+                        k, g = data[done % len(data)]
+                        ps.apply_gradients(table, k, g, 0.01)
+                        done += 1
+                    out.append(done * ROWS / (time.perf_counter() - t0))
+            want_seq = _fan_seq(cluster, "w")
+            deadline = time.monotonic() + 60
+            for n in fan:
+                while _fan_seq(cluster, n) < want_seq:
+                    if time.monotonic() > deadline:
+                        raise AssertionError(f"serving replica {n} did not reach seq {want_seq}")
+                    time.sleep(0.05)
+            want, found = ps.find("fan", keys, node="w")
+            assert found.all(), "the writable replica lost rows"
+            for n in fan:
+                got, found = ps.find("fan", keys, node=n)
+                if not (found.all() and np.array_equal(got, want)):
+                    raise AssertionError(f"serving replica {n} differs from the writable replica")
+    return float(np.median(rates["plain"])), float(np.median(rates["fan"]))
+
+
+def _fan_seq(cluster: Any, node: str) -> int:
+    """The seq of ``node``'s replica of table ``fan`` (index 1), -1 if it does not answer."""
+    info = cluster.hello(node)
+    return -1 if info is None else int(next(s["seq"] for s in info["shards"] if s["table"] == 1))
+
+
 def _free_ports(n: int) -> list[int]:
     socks = [socket.socket() for _ in range(n)]
     for s in socks:
@@ -179,6 +246,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--json", action="store_true", help="print one JSON object as the last line")
     ap.add_argument("--rounds", type=int, default=0, help="unused; accepted for `streamrec bench`")
     ap.add_argument("--window", type=int, default=64, help="batches in flight at saturation (default 64)")
+    ap.add_argument("--fanout-replicas", type=int, default=0,
+                    help="serving replicas for the fan-out figures (default 4; --smoke 2)")
     ap.add_argument("--batched-sends", dest="send_each", action="store_false",
                     help="RaftLogConfig(send_each_entry=False): append-entries once per tick")
     args = ap.parse_args(argv)
@@ -187,6 +256,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     data = batches(64)
     none = measure_none(data, secs)
     print(f"none: {none / 1e6:.2f} M rows/s ({none / ROWS:,.0f} batches/s)", file=log_out)
+    n_fan = args.fanout_replicas or (2 if args.smoke else 4)
+    ps_rate, fan_rate = measure_fanout(n_fan, data, secs)
+    print(f"fan-out: through the server {ps_rate / 1e6:.3f} M rows/s without fan-out, {fan_rate / 1e6:.3f} M "
+          f"rows/s with {n_fan} serving replicas pulling ({fan_rate / ps_rate:.2f}x); every serving replica "
+          "checked against the writable one", file=log_out)
 
     root = Path(tempfile.mkdtemp(prefix="streamrec-replication-"))
     addrs = [f"127.0.0.1:{p}" for p in _free_ports(3)]
@@ -243,6 +317,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "p50_ms": float(np.percentile(lat, 50)), "p99_ms": float(np.percentile(lat, 99)),
         "sync_p50_ms": float(np.percentile(sync, 50) * 1e3),
         "sync_p99_ms": float(np.percentile(sync, 99) * 1e3),
+        "fanout_replicas": n_fan, "ps_rows_per_s": ps_rate, "fanout_rows_per_s": fan_rate,
+        "fanout_over_ps": fan_rate / ps_rate,
     }
     print(f"strong_over_none {figures['strong_over_none']:.3f} (target >= 0.33) | commit latency at "
           f"{half:,.0f} batches/s: p50 {figures['p50_ms']:.1f} ms, p99 {figures['p99_ms']:.1f} ms "

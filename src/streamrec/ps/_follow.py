@@ -41,7 +41,7 @@ import numpy as np
 
 from streamrec.cluster.spec import ClusterSpec
 from streamrec.cluster.tree import attach
-from streamrec.errors import TransportError
+from streamrec.errors import DeadlineExceeded, TransportError
 from streamrec.ps._ring import MAX_WAIT_MS, PULL_OK, Batch, decode_pull, pull_request
 from streamrec.ps.service import EXPORT_EXPIRY, ShardReplica
 from streamrec.transport.frames import Frame, Kind, Status
@@ -65,6 +65,10 @@ class SequenceGap(Exception):
     def __init__(self, expected: int, got: int) -> None:
         super().__init__(f"sequence gap: expected batch {expected}, got {got}")
         self.expected, self.got = expected, got
+
+
+class _Stopped(Exception):
+    """The server is stopping: the follower ends without waiting out a request."""
 
 
 class _Unusable(Exception):
@@ -165,6 +169,8 @@ class Follower:
                     log.warning("table %d shard %d: %s from %s: re-syncing", self.rep.table_index,
                                 self.rep.shard, exc, parent)
                     self._need_sync = True
+                except _Stopped:
+                    return
                 except Exception:  # a bug must not end the replica's feed
                     log.exception("table %d shard %d: following %s failed", self.rep.table_index,
                                   self.rep.shard, parent)
@@ -244,7 +250,18 @@ class Follower:
             conn = self._conns[name] = TcpConnection(self.spec.node(name).address, connect_timeout_s=_RPC_S,
                                                      max_frame_bytes=self.spec.max_frame_bytes)
         frame.request_id = next(self._ids)
-        reply = conn.request(frame, timeout_s)
+        deadline = time.monotonic() + timeout_s
+        conn.send(frame)
+        while True:  # in slices, so a stopping server does not wait out a long EXPORT
+            if self._stop.is_set():
+                raise _Stopped
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise DeadlineExceeded(f"no reply from {name} in {timeout_s:.3f} s", deadline_s=timeout_s,
+                                       peer=name, transport="tcp")
+            reply = conn.recv(min(left, 0.1))
+            if reply is not None and reply.request_id == frame.request_id:
+                break
         if reply.status != Status.OK:
             name_of = Status(reply.status).name if reply.status in Status._value2member_map_ else reply.status
             raise _Unusable(f"{name} answered {name_of}: {reply.text()}")
