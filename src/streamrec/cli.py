@@ -11,8 +11,11 @@ Subcommands:
                                     ``bench ps_ab --base REV`` compares the TCP path with REV);
                                     arguments after ``--`` go to the benchmark as they are
     config defaults | check FILE    the table config format with every default; check a file
+    generate --out DIR [--events N] generated traffic (impressions, actions, catalog) as rolling files
     ps serve --config F --node N    run one storage node of a cluster spec
     ps check FILE                   validate a cluster spec and print its placement
+    pipeline run --config F         the sample pipeline in this process (join, features, Parquet,
+                                    checkpoints; resumes from the last checkpoint)
 
 Thread safety: a command-line entry point; runs once per process.
 """
@@ -202,10 +205,56 @@ def _ps_dump(spec: ClusterSpec, args: argparse.Namespace) -> int:
     return 0
 
 
+def _pipeline(args: argparse.Namespace) -> int:
+    from streamrec.errors import ConfigError
+    from streamrec.pipeline.runner import EmbeddedRunner, load_pipeline_config
+
+    try:
+        cfg = load_pipeline_config(args.config)
+        runner = EmbeddedRunner(cfg, resume=not args.restart)
+    except ConfigError as exc:
+        print(f"streamrec pipeline run: {exc}", file=sys.stderr)
+        return 2
+    stats = runner.run(max_batches=args.max_batches)
+    print(f"{stats.events:,} events, {stats.samples:,} samples in {stats.batches:,} micro-batches, "
+          f"{stats.checkpoints} checkpoints, {stats.files} files in {cfg.output}")
+    return 0
+
+
 def _demo(args: argparse.Namespace) -> int:
     from streamrec.demo import run_demo
 
     return run_demo(seconds_per_phase=args.seconds, rows=args.rows)
+
+
+def _generate(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from streamrec.pipeline.generate import (
+        GeneratorConfig,
+        load_generator_config,
+        write_events,
+        write_histories,
+    )
+
+    overrides = {k: v for k, v in (("seed", args.seed), ("users", args.users), ("items", args.items),
+                                   ("impressions_per_s", args.rate)) if v is not None}
+    cfg = load_generator_config(args.config, **overrides) if args.config else \
+        dataclasses.replace(GeneratorConfig(), **overrides)
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, transient=True) as bar:
+        if args.histories:
+            task = bar.add_task("histories (users)", total=cfg.users)
+            write_histories(cfg, args.histories, Path(args.out) / "histories.parquet",
+                            on_chunk=lambda n: bar.advance(task, n))
+        task = bar.add_task("events", total=args.events)
+        counts = write_events(cfg, args.out, events=args.events, fmt=args.format,
+                              rows_per_file=args.rows_per_file, on_step=lambda n: bar.advance(task, n))
+    print(f"wrote {counts['impressions']:,} impressions and {counts['actions']:,} actions in "
+          f"{counts['files']} {args.format} files under {args.out}")
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -246,6 +295,26 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--seconds", type=float, default=4.0, help="seconds per load phase (default 4)")
     d.set_defaults(func=_demo)
 
+    g = sub.add_parser("generate", help="generated traffic: impressions, actions, catalog (rolling files)",
+                       description="Write generated traffic from the hidden ground-truth model "
+                       "(pipeline/generate.py) to OUT/impressions/ and OUT/actions/ as rolling files (each "
+                       "appears by rename, so `pipeline run` can tail the directory), with catalog.parquet "
+                       "and generator.json. Deterministic by seed.")
+    g.add_argument("--out", required=True, help="output directory")
+    g.add_argument("--format", choices=["parquet", "jsonl", "csv"], default="parquet",
+                   help="file format (default parquet)")
+    g.add_argument("--events", type=int, default=10_000_000,
+                   help="rows (impressions plus actions) to write, at least (default 10,000,000)")
+    g.add_argument("--seed", type=int, help="seed (default: the config's, 0)")
+    g.add_argument("--config", help="TOML file with GeneratorConfig fields (top level or [generate])")
+    g.add_argument("--users", type=int, help="users (default 10,000)")
+    g.add_argument("--items", type=int, help="items (default 100,000)")
+    g.add_argument("--rate", type=float, help="impressions per simulated second (default 100,000)")
+    g.add_argument("--rows-per-file", type=int, default=1_000_000, help="rows per file (default 1,000,000)")
+    g.add_argument("--histories", type=int, default=0,
+                   help="also write each user's last N actions before the stream to histories.parquet")
+    g.set_defaults(func=_generate)
+
     ps = sub.add_parser("ps", help="parameter server: serve a node, check a cluster spec, dump a replica",
                         description="'serve' runs one storage node of a cluster spec until SIGTERM/SIGINT; "
                         "'check FILE' validates a spec and prints each shard's replicas.")
@@ -282,6 +351,21 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--json", action="store_true", help="one JSON list of rows instead of a table")
     status.add_argument("--timeout", type=float, default=1.0, help="seconds per node (default 1)")
     status.set_defaults(func=_ps)
+    pl = sub.add_parser("pipeline", help="the real-time sample pipeline",
+                        description="'run' joins impressions with actions into labelled samples "
+                        "(streamrec.pipeline.runner).")
+    pl_sub = pl.add_subparsers(dest="what", metavar="WHAT", required=True)
+    run = pl_sub.add_parser("run", help="run the embedded pipeline (one process)",
+                            description="Read the sources, join impressions with actions in event-time "
+                            "micro-batches (state in store tables), add features, write Parquet sample files "
+                            "and checkpoints; a second run resumes from the last checkpoint, losing and "
+                            "repeating nothing. pipeline.toml: top-level PipelineConfig fields, [join] "
+                            "(JoinConfig) and [generator] (GeneratorConfig) tables.")
+    run.add_argument("--config", required=True, help="pipeline.toml")
+    run.add_argument("--restart", action="store_true", help="discard checkpoints and output, start over")
+    run.add_argument("--max-batches", type=int, default=None, help="stop (with a checkpoint) after N batches")
+    run.set_defaults(func=_pipeline)
+
     check = ps_sub.add_parser("check", help="validate a cluster spec",
                               description="Validate a cluster spec; errors name the line and field.")
     check.add_argument("file", help="cluster spec (TOML)")

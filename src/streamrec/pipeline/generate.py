@@ -62,6 +62,7 @@ __all__ = [
     "histories",
     "load_generator_config",
     "write_events",
+    "write_histories",
 ]
 
 _WORLD, _STREAM, _HISTORY = 0x3E1D, 0x57EA, 0x4157  # rng stream tags: world, stream steps, warm-up histories
@@ -789,6 +790,34 @@ def histories(cfg: GeneratorConfig, n_events: int, users: np.ndarray | None = No
         item_id=cols["item_id"], category=truth.catalog.category[cols["item_id"]],
         action=cols["action"], ts_ms=cols["ts_ms"], value=cols["value"],
     )
+
+
+def write_histories(cfg: GeneratorConfig, n_events: int, path: str | Path,
+                    on_chunk: Callable[[int], None] | None = None) -> int:
+    """``histories(cfg, n_events)`` of every user into one Parquet file, flat and sorted by (user, time):
+    columns user_id, item_id, category, action, ts_ms, value. Written in chunks of users (``on_chunk`` gets
+    each chunk's user count) through ``PATH.tmp`` and a rename. Returns the rows written."""
+    import pyarrow.parquet as pq
+
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    truth = GroundTruth(cfg)
+    chunk = max(1, 2_000_000 // max(1, n_events))
+    rows = 0
+    schema = pa.schema([("user_id", pa.int64()), ("item_id", pa.int64()), ("category", pa.int32()),
+                        ("action", pa.int8()), ("ts_ms", pa.int64()), ("value", pa.float32())])
+    with pq.ParquetWriter(tmp, schema, compression="zstd") as writer:
+        for lo in range(0, cfg.users, chunk):
+            users = np.arange(lo, min(cfg.users, lo + chunk), dtype=np.int64)
+            h = histories(cfg, n_events, users=users, truth=truth)
+            writer.write_table(pa.table([np.repeat(h.users, np.diff(h.offsets)), h.item_id, h.category,
+                                         h.action, h.ts_ms, h.value], schema=schema))
+            rows += h.item_id.size
+            if on_chunk is not None:
+                on_chunk(users.size)
+    os.replace(tmp, out)
+    return rows
 
 
 def _rank_of(part: np.ndarray, user: np.ndarray) -> np.ndarray:
