@@ -170,12 +170,16 @@ class SequenceRanker(nn.Module):
             store bridge ``embedding.StoreEmbedding`` pushes one optimizer step
             per backward, so a second call would step twice); default a
             ``HashedEmbedding`` of ``config.item_buckets`` rows.
+        user_embedding: the same for user ids (R,) -> (R, D), called once per
+            forward; default a ``HashedEmbedding`` of ``config.user_buckets``
+            rows (none when that is 0 and no module is given).
 
     Raises:
         ValueError: a batch whose features or tasks do not match the config.
     """
 
-    def __init__(self, config: ModelConfig, item_embedding: nn.Module | None = None) -> None:
+    def __init__(self, config: ModelConfig, item_embedding: nn.Module | None = None,
+                 user_embedding: nn.Module | None = None) -> None:
         super().__init__()
         self.config = config
         d = config.dim
@@ -185,7 +189,8 @@ class SequenceRanker(nn.Module):
         self.time = nn.Embedding(config.time_buckets, d)
         self.value = nn.Linear(1, d, bias=False)
         self.category = HashedEmbedding(config.category_buckets, d)
-        self.user = HashedEmbedding(config.user_buckets, d) if config.user_buckets else None
+        self.user = user_embedding if user_embedding is not None else (
+            HashedEmbedding(config.user_buckets, d) if config.user_buckets else None)
         self.sparse = HashedEmbedding(config.sparse_buckets, d) if config.sparse_features else None
         self.dense = nn.Linear(config.dense_features, d) if config.dense_features else None
         for emb in (self.action, self.time):
@@ -194,7 +199,7 @@ class SequenceRanker(nn.Module):
     def _mlp(self, interest_width: int) -> nn.Sequential:
         """The MLP over [interest, target, features]; its last layer is one head per task."""
         c = self.config
-        width = interest_width + c.dim * (1 + (c.user_buckets > 0) + (c.sparse_features > 0)
+        width = interest_width + c.dim * (1 + (self.user is not None) + (c.sparse_features > 0)
                                           + (c.dense_features > 0))
         layers: list[nn.Module] = []
         for h in c.mlp:

@@ -30,8 +30,9 @@ class MeanPool(SequenceRanker):
     mean token (zeros for an empty history). Args as ``STCA``.
     """
 
-    def __init__(self, config: ModelConfig, item_embedding: nn.Module | None = None) -> None:
-        super().__init__(config, item_embedding)
+    def __init__(self, config: ModelConfig, item_embedding: nn.Module | None = None,
+                 user_embedding: nn.Module | None = None) -> None:
+        super().__init__(config, item_embedding, user_embedding)
         self.head = self._mlp(2 * config.dim)
 
     def interest(self, batch: RequestBatch, tokens: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -48,8 +49,9 @@ class DIN(SequenceRanker):
     m x 100 per request. Args as ``STCA``.
     """
 
-    def __init__(self, config: ModelConfig, item_embedding: nn.Module | None = None) -> None:
-        super().__init__(config, item_embedding)
+    def __init__(self, config: ModelConfig, item_embedding: nn.Module | None = None,
+                 user_embedding: nn.Module | None = None) -> None:
+        super().__init__(config, item_embedding, user_embedding)
         d = config.dim
         self.window = config.max_len_din
         self.unit = nn.Sequential(nn.Linear(4 * d, 64), nn.SiLU(), nn.Linear(64, 1))
@@ -98,8 +100,9 @@ class SASRec(SequenceRanker):
     history; interest [u, u * target]. Args as ``STCA``.
     """
 
-    def __init__(self, config: ModelConfig, item_embedding: nn.Module | None = None) -> None:
-        super().__init__(config, item_embedding)
+    def __init__(self, config: ModelConfig, item_embedding: nn.Module | None = None,
+                 user_embedding: nn.Module | None = None) -> None:
+        super().__init__(config, item_embedding, user_embedding)
         d = config.dim
         self.window = config.max_len_sasrec
         self.position = nn.Embedding(config.max_len_sasrec, d)

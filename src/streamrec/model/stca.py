@@ -132,6 +132,7 @@ class STCA(SequenceRanker):
         item_embedding: the item rows (``_layers.SequenceRanker``): a
             ``HashedEmbedding`` by default, ``embedding.StoreEmbedding`` to keep
             them and their optimizer state in the store.
+        user_embedding: the user rows, likewise (default a ``HashedEmbedding``).
 
     Raises:
         ValueError: a bad config; at forward, a batch that does not match it.
@@ -145,8 +146,9 @@ class STCA(SequenceRanker):
         scores = torch.sigmoid(model(batch.truncate(10_000)))  # (T, K)
     """
 
-    def __init__(self, config: ModelConfig, item_embedding: nn.Module | None = None) -> None:
-        super().__init__(config, item_embedding)
+    def __init__(self, config: ModelConfig, item_embedding: nn.Module | None = None,
+                 user_embedding: nn.Module | None = None) -> None:
+        super().__init__(config, item_embedding, user_embedding)
         d = config.dim
         self.layers = nn.ModuleList(_Layer(config, d * (1 + i)) for i in range(config.layers))
         self.head = self._mlp(d * config.layers)
