@@ -36,7 +36,7 @@ sys.path.insert(0, str(BENCH))
 
 # Named one by one so each benchmark's smoke run is a test id of its own;
 # test_every_benchmark_is_named fails when a new one is not added here.
-NAMES = ("fanout", "generate", "propagation", "ps", "ps_ab", "replication", "sequence", "store",
+NAMES = ("fanout", "generate", "model", "propagation", "ps", "ps_ab", "replication", "sequence", "store",
          "store_churn", "store_restart", "store_tiers")
 HAS_REDIS = shutil.which("redis-server") is not None
 HAS_UCXX = importlib.util.find_spec("ucxx") is not None
@@ -100,6 +100,8 @@ def test_smoke_run_prints_documented_keys(name: str, tmp_path: Path) -> None:
         assert out["find_over_dict"] > 0 and out["gather_huge_over_4k"] > 0
     elif name == "ps_ab":
         assert len(out["ratios"]) == 1 and out["this_over_base"] > 0
+    elif name == "model":  # even at smoke size, one history per request beats 32 copies of it
+        assert out["rlb_speedup"] > 1 and out["cost_ratio_10k_over_1k"] > 1
 
 
 def _check_ps(out: dict[str, Any]) -> None:
