@@ -30,6 +30,13 @@ The tree::
     │   │                           the reason (resubmit with the same writer/seq)
     │   └── NotLeader               this replica does not lead its group; carries
     │                               the leader's address, or None during an election
+    ├── ServingError                a ranking request cannot be answered; carries the
+    │   │                           HTTP status to answer with
+    │   ├── BadRequest              malformed, oversized or ill-typed input (4xx)
+    │   ├── Overloaded              queue full or no model loaded (429/503); carries
+    │   │                           retry_after_s
+    │   └── DeadlineMissed          the request's deadline passed before it ran (504);
+    │                               carries deadline_ms
     ├── TooStale                    a follower read would exceed its staleness bound
     └── TransportError              moving a frame to or from a peer failed
         ├── FrameError              a frame is malformed, truncated or oversized;
@@ -51,10 +58,12 @@ Thread safety: exceptions are plain values; nothing here holds state.
 from __future__ import annotations
 
 __all__ = [
+    "BadRequest",
     "CheckpointError",
     "ConfigError",
     "CorruptFile",
     "DeadlineExceeded",
+    "DeadlineMissed",
     "FeatureError",
     "FrameError",
     "IndexGrowthRefused",
@@ -62,9 +71,11 @@ __all__ = [
     "NonFiniteInput",
     "NonFiniteValues",
     "NotLeader",
+    "Overloaded",
     "PeerUnavailable",
     "RemoteError",
     "ReplicationError",
+    "ServingError",
     "SnapshotError",
     "StoreError",
     "StreamrecError",
@@ -306,6 +317,47 @@ class NotLeader(ReplicationError):
         super().__init__(f"not the leader; the leader is {leader or 'unknown (election)'}",
                          reason="NOT_LEADER")
         self.leader = leader
+
+
+class ServingError(StreamrecError):
+    """A ranking request cannot be answered.
+
+    Attributes:
+        status: the HTTP status a server answers with.
+        message: what went wrong, in words (the response body's ``error``).
+    """
+
+    def __init__(self, message: str, *, status: int) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+class BadRequest(ServingError):
+    """The request is malformed, oversized or ill-typed (400, 413, 415); ``message`` says which input."""
+
+    def __init__(self, message: str, *, status: int = 400) -> None:
+        super().__init__(message, status=status)
+
+
+class Overloaded(ServingError):
+    """No room to take the request now: a full queue (429) or no model ready (503).
+
+    Attributes:
+        retry_after_s: the ``Retry-After`` a server answers with (whole seconds, >= 1).
+    """
+
+    def __init__(self, message: str, *, status: int = 429, retry_after_s: int = 1) -> None:
+        super().__init__(message, status=status)
+        self.retry_after_s = max(1, int(retry_after_s))
+
+
+class DeadlineMissed(ServingError):
+    """The request's deadline passed before it could run (504); ``deadline_ms`` was its budget."""
+
+    def __init__(self, message: str, *, deadline_ms: float) -> None:
+        super().__init__(message, status=504)
+        self.deadline_ms = deadline_ms
 
 
 class TooStale(StreamrecError):

@@ -1,0 +1,208 @@
+"""Model execution for serving: one loaded model version, split so a user's history is encoded
+once and reused, run eagerly or through ``torch.compile``.
+
+Owns: ``ModelRunner`` (a model version in inference mode: ``encode`` a history, ``refresh`` a
+cached encoding for a later request time, ``score`` a packed batch of requests) and ``Encoded``
+(one request's encoded history). It must not read stores or queues.
+
+Why the split is exact for STCA: a history token's state is a function of that event alone
+(item row + action + time-since-action bucket + value, then per layer ``LayerNorm(x + FFN(x))``
+and the K/V projection); tokens never attend to each other. So the K/V of each event can be kept
+and only events whose time bucket moved since (``time_buckets`` is log-scaled, so old events
+rarely move) need encoding again; the targets' attention over the cached K/V is then the model's
+own ``ragged_target_attention``. Scores equal ``model(batch)`` up to float rounding of GEMMs of
+different row counts (checked in tests/serving/test_executor.py). A model that is not STCA runs
+whole (``split`` False): no history encoding to cache.
+
+The compiled path (``executor = "compile"``) compiles the per-token encoder and the scoring MLP
+with ``torch.compile(dynamic=True)``: both are dense stacks of GEMMs and pointwise ops that
+Inductor fuses (SwiGLU's ``silu * mul``, the residual add + LayerNorm). The ragged attention keeps
+data-dependent sizes and runs eagerly. Why not AOTInductor or ONNX Runtime: BENCHMARKS.md.
+
+Thread safety: ``score``/``encode``/``refresh`` may run in several threads at once (inference
+mode, no parameter writes); ``Encoded`` values are never changed after they are built.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from streamrec.model._layers import time_buckets
+from streamrec.model.batch import RequestBatch
+from streamrec.model.stca import STCA, ragged_target_attention
+
+__all__ = ["Encoded", "ModelRunner"]
+
+
+@dataclass(frozen=True)
+class Encoded:
+    """One request's history, encoded for one model version.
+
+    Shape contract: N events, D = ``dim``, L layers. ``kv[l]`` is (N, 2D) float32 (keys then
+    values of layer l); the event columns are (N,). ``buckets`` are the time buckets the tokens
+    were encoded with; ``request_ts_ms`` the time they were computed for.
+    """
+
+    items: torch.Tensor
+    actions: torch.Tensor
+    ts_ms: torch.Tensor
+    values: torch.Tensor
+    buckets: torch.Tensor
+    kv: tuple[torch.Tensor, ...]
+    request_ts_ms: int
+
+    @property
+    def length(self) -> int:
+        return int(self.items.shape[0])
+
+    @property
+    def nbytes(self) -> int:
+        return sum(int(t.numel() * t.element_size()) for t in (self.items, self.actions, self.ts_ms,
+                                                               self.values, self.buckets, *self.kv))
+
+
+class ModelRunner:
+    """A model version ready to score requests.
+
+    Args:
+        model: a ranking module taking a ``RequestBatch`` and returning logits (T, K); an
+            ``STCA`` is split (module doc), anything else runs whole.
+        version: the checkpoint version it came from (0 when not from a checkpoint).
+        compiled: compile the per-token encoder and the head (``torch.compile``).
+        tasks: the task names in logit order (default ``model.config.tasks``).
+
+    Raises:
+        ValueError: ``model`` has no ``config.tasks`` and none are given.
+    """
+
+    def __init__(self, model: nn.Module, version: int = 0, *, compiled: bool = False,
+                 tasks: Sequence[str] | None = None) -> None:
+        self.model = model.eval()
+        self._m: Any = model  # the STCA's submodules, when split (typed loosely: any ranking module)
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        self.version = version
+        cfg = getattr(model, "config", None)
+        if tasks is None and cfg is None:
+            raise ValueError("tasks: the model has no config.tasks; pass the task names")
+        self.tasks: tuple[str, ...] = tuple(tasks if tasks is not None else cfg.tasks)  # type: ignore[union-attr]
+        self.split = isinstance(model, STCA)
+        self.compiled = compiled
+        self.dense_features = int(getattr(cfg, "dense_features", 0))
+        self.sparse_features = int(getattr(cfg, "sparse_features", 0))
+        self._tokens_kv: Callable[[torch.Tensor], tuple[torch.Tensor, ...]] = self._tokens_kv_eager
+        head: Any = self._m.head if self.split else None
+        self._head: Callable[[torch.Tensor], torch.Tensor] = head
+        if compiled and self.split:
+            self._tokens_kv = torch.compile(self._tokens_kv_eager, dynamic=True)
+            self._head = torch.compile(head, dynamic=True)
+
+    # -- history ------------------------------------------------------------------------
+
+    def _tokens_kv_eager(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        out = []
+        for layer in self._m.layers:
+            x = layer.norm(x + layer.ffn(x))
+            out.append(layer.kv(x))
+        return tuple(out)
+
+    def _tokens(self, items: torch.Tensor, actions: torch.Tensor, buckets: torch.Tensor,
+                values: torch.Tensor) -> torch.Tensor:
+        m = self._m
+        c = m.config
+        rows = m.item_embedding(items)
+        tokens: torch.Tensor = (rows + m.action(actions.clamp(0, c.num_actions - 1)) + m.time(buckets)
+                                 + m.value(torch.log1p(values.clamp_min(0)).unsqueeze(1).to(rows.dtype)))
+        return tokens
+
+    def _buckets(self, ts_ms: torch.Tensor, request_ts_ms: int) -> torch.Tensor:
+        c = self._m.config
+        return time_buckets(request_ts_ms - ts_ms, c.time_buckets, c.time_buckets_per_octave)
+
+    def encode(self, items: np.ndarray, actions: np.ndarray, ts_ms: np.ndarray, values: np.ndarray,
+               request_ts_ms: int) -> Encoded:
+        """Encode one history (oldest first) for a request at ``request_ts_ms``.
+
+        Requires: ``split``; the four arrays of one length, ids int64.
+        """
+        it = torch.from_numpy(np.ascontiguousarray(items, dtype=np.int64))
+        ac = torch.from_numpy(np.ascontiguousarray(actions, dtype=np.int64))
+        ts = torch.from_numpy(np.ascontiguousarray(ts_ms, dtype=np.int64))
+        va = torch.from_numpy(np.ascontiguousarray(values, dtype=np.float32))
+        b = self._buckets(ts, request_ts_ms)
+        with torch.inference_mode():
+            kv = self._tokens_kv(self._tokens(it, ac, b, va)) if it.shape[0] else tuple(
+                torch.zeros(0, 2 * self._m.config.dim) for _ in self._m.layers)
+        return Encoded(it, ac, ts, va, b, tuple(kv), request_ts_ms)
+
+    def refresh(self, enc: Encoded, request_ts_ms: int) -> tuple[Encoded, int]:
+        """``enc`` valid for a request at ``request_ts_ms``: the events whose time bucket moved are
+        encoded again (into new tensors; ``enc`` is not changed). Returns it and how many moved."""
+        if request_ts_ms == enc.request_ts_ms or enc.length == 0:
+            return enc, 0
+        b = self._buckets(enc.ts_ms, request_ts_ms)
+        moved = torch.nonzero(b != enc.buckets).reshape(-1)
+        if moved.shape[0] == 0:
+            return Encoded(enc.items, enc.actions, enc.ts_ms, enc.values, enc.buckets, enc.kv,
+                           request_ts_ms), 0
+        with torch.inference_mode():
+            part = self._tokens_kv(self._tokens(enc.items[moved], enc.actions[moved], b[moved],
+                                                enc.values[moved]))
+            kv = tuple(whole.index_copy(0, moved, new) for whole, new in zip(enc.kv, part, strict=True))
+        fresh = Encoded(enc.items, enc.actions, enc.ts_ms, enc.values, b, kv, request_ts_ms)
+        return fresh, int(moved.shape[0])
+
+    # -- scoring ------------------------------------------------------------------------
+
+    def score(self, batch: RequestBatch, encoded: Sequence[Encoded] | None = None) -> torch.Tensor:
+        """Logits (T, K) of a packed batch.
+
+        Args:
+            batch: the requests' targets and features; its history fields are used when
+                ``encoded`` is None (and must then be filled).
+            encoded: one ``Encoded`` per request of ``batch`` (``split`` models only), whose
+                events stand for the batch's history.
+        """
+        with torch.inference_mode():
+            if encoded is None:
+                return self.model(batch)
+            return self._score_encoded(batch, encoded)
+
+    def _score_encoded(self, batch: RequestBatch, encoded: Sequence[Encoded]) -> torch.Tensor:
+        m = self._m
+        c = m.config
+        m._check(batch)
+        lens = torch.tensor([e.length for e in encoded], dtype=torch.int64)
+        hist_offsets = torch.zeros(len(encoded) + 1, dtype=torch.int64)
+        torch.cumsum(lens, 0, out=hist_offsets[1:])
+        kvs = [torch.cat([e.kv[i] for e in encoded]) if len(encoded) > 1 else encoded[0].kv[i]
+               for i in range(len(m.layers))]
+        target = m.item_embedding(batch.target_item) + m.category(batch.target_category)
+        h, e = c.heads, c.dim // c.heads
+        outs: list[torch.Tensor] = []
+        for layer, kv in zip(m.layers, kvs, strict=True):
+            k, v = kv.view(-1, 2, h, e).unbind(1)
+            q = layer.q(torch.cat([target, *outs], dim=1)).view(-1, h, e)
+            att = ragged_target_attention(q, k, v, hist_offsets, batch.target_offsets, c.attn_chunk)
+            outs.append(layer.o(att.reshape(-1, c.dim)))
+        parts = [torch.cat(outs, dim=1), target, *m.features(batch)]
+        return self._head(torch.cat(parts, dim=1))
+
+    def warm_up(self, batch: RequestBatch) -> None:
+        """Run ``batch`` once through every path (compiles the compiled path before traffic)."""
+        if self.split and batch.num_requests:
+            off = batch.hist_offsets.numpy()
+            enc = [self.encode(batch.hist_item.numpy()[a:b], batch.hist_action.numpy()[a:b],
+                               batch.hist_ts_ms.numpy()[a:b], batch.hist_value.numpy()[a:b],
+                               int(batch.request_ts_ms[r]))
+                   for r, (a, b) in enumerate(itertools.pairwise(off))]
+            self.score(batch, enc)
+        else:
+            self.score(batch)
