@@ -90,6 +90,17 @@ def test_every_kind_of_bad_event_goes_to_dead_letters_and_the_stream_goes_on(tmp
     assert {w["kind"] for w in written} == {"actions"}
 
 
+def test_an_unreadable_file_is_a_dead_letter_and_the_next_file_is_read(tmp_path: Path) -> None:
+    d = tmp_path / "in"
+    d.mkdir()
+    (d / "a.parquet").write_bytes(b"PAR1 torn")
+    _write_jsonl(d / "b.jsonl", [json.dumps(_action(1))])
+    with DeadLetters(tmp_path / "dl.jsonl") as dl:
+        out = list(read_events(d, "actions", dead_letters=dl))
+    assert [b.num_rows for b in out] == [1] and dl.count == {"malformed": 1}
+    assert "a.parquet" in (tmp_path / "dl.jsonl").read_text()
+
+
 def test_validate_impressions_ranges_and_nullable_ground_truth() -> None:
     imps, _ = next(generate(SMALL))
     rows = imps.slice(0, 6).to_pylist()

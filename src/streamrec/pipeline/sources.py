@@ -5,7 +5,8 @@ Owns: the ``Source`` protocol (``read(max_rows)``, ``offset``, ``seek(offset)``,
 directories of them, with tail mode) and ``IteratorSource``. A source returns rows as they are stored, with
 loose types (a CSV gives strings, a JSONL file whatever its values are); typing, validation and event-time
 sorting happen in ``events.EventReader``. It must not drop a row silently: a line that does not parse is
-handed to ``on_malformed``.
+handed to ``on_malformed``, and so is a file that cannot be read at all (its name and the error), which
+is then skipped.
 
 The protocol is small on purpose: a Kafka source is ``read`` = poll up to max_rows from one partition,
 ``offset`` = (partition, next offset), ``seek`` = assign and seek.
@@ -252,7 +253,12 @@ class FileSource:
                 if self._file >= len(self.files):
                     return None
             if self._table is None:
-                self._table, self._malformed = read_file(self.files[self._file])
+                path = self.files[self._file]
+                try:
+                    self._table, self._malformed = read_file(path)
+                except (pa.ArrowInvalid, OSError, ValueError) as exc:
+                    # A torn or foreign file is one bad input, not the end of the stream: report it whole.
+                    self._table, self._malformed = pa.table({}), [(0, f"unreadable file {path.name}: {exc}")]
             if self._row < self._table.num_rows:
                 lo, hi = self._row, min(self._row + max_rows, self._table.num_rows)
                 self._report(lo, hi)
