@@ -272,12 +272,15 @@ class Counters:
         with self._lock:
             self._watermark_ms = max(self._watermark_ms, int(ts.max()))
             uniq, inv = factorize(keys)
-            rows, _ = self._table.find(uniq)
+            n = uniq.shape[0]
+            rows = np.empty((n + 1, self.spec.dim))
+            self._table.find(uniq, out=rows[:n])  # zeros for keys not yet counted
             late = int(_apply(rows, inv, buckets, inc8, self.spec.ring))
-            self._table.insert_or_assign(uniq, rows)
-            meta = np.zeros((1, self.spec.dim))
-            meta[0, 0] = self._watermark_ms
-            self._table.insert_or_assign(np.array([_META_KEY], dtype=np.uint64), meta, ttl_s=0)
+            # The watermark row rides in the same write (one writer-lock hold), and never expires.
+            rows[n, 0] = self._watermark_ms
+            ttl = np.full(n + 1, self.spec.ttl_s, dtype=np.int64)
+            ttl[n] = 0
+            self._table.insert_or_assign(np.append(uniq, np.uint64(_META_KEY)), rows, ttl_s=ttl)
             self._events += keys.shape[0] - late
             self._late += late
         return keys.shape[0] - late
