@@ -197,21 +197,21 @@ class SampleJoin:
 
     # -- state: the store tables --------------------------------------------------
 
-    def _table(self, path: Path | None, on_evict: Any = None) -> EmbeddingTable:
+    def _table(self, path: Path | None, on_evict: Any = None, dim: int = _DIM) -> EmbeddingTable:
         if path is not None:
             t = EmbeddingTable.open(path, clock=self._clock, on_evict=on_evict)
-            if t.dim != _DIM or t.dtype != np.float64:
-                raise ConfigError(f"{path} holds rows of ({t.dim}, {t.dtype}), the join ({_DIM}, float64)",
+            if t.dim != dim or t.dtype != np.float64:
+                raise ConfigError(f"{path} holds rows of ({t.dim}, {t.dtype}), the join ({dim}, float64)",
                                   field="join.store_dir")
             return t
         cfg = self.config
-        return EmbeddingTable(dim=_DIM, dtype="float64", capacity=cfg.capacity, huge_pages=cfg.huge_pages,
+        return EmbeddingTable(dim=dim, dtype="float64", capacity=cfg.capacity, huge_pages=cfg.huge_pages,
                               ttl_s=max(1, self._W // cfg.close_tick_ms), ttl_slice_s=1, clock=self._clock,
                               on_evict=on_evict, initializer=None)
 
     def _open(self, root: Path) -> None:
         self._tables = (self._table(root / "pending", self._on_close), self._table(root / "closed"),
-                        self._table(root / "dedup"))
+                        self._table(root / "dedup", dim=1))
         self.sequences = SequenceStore.open(root / "sequences")
         meta = json.loads((root / "join.json").read_text())
         self._base = int(meta["base"])
@@ -227,7 +227,7 @@ class SampleJoin:
             # first watermark, so every row's expiry, past that watermark, is >= 1 and 0 still means never.
             self._base = watermark_ms // self.config.close_tick_ms - 1
             self._clock.ticks = 0
-            self._tables = (self._table(None, self._on_close), self._table(None), self._table(None))
+            self._tables = (self._table(None, self._on_close), self._table(None), self._table(None, dim=1))
         return self._tables
 
     def snapshot(self, root: str | os.PathLike[str]) -> None:
@@ -389,7 +389,7 @@ class SampleJoin:
         self.counts["duplicate_actions"] += int(np.count_nonzero(young)) - idx.size
         if idx.size == 0:
             return None
-        dedup.insert_or_assign(dk[idx], np.zeros((idx.size, _DIM)), ttl_s=self._ticks(gone[idx]))
+        dedup.insert_or_assign(dk[idx], np.zeros((idx.size, 1)), ttl_s=self._ticks(gone[idx]))
         self.sequences.append(user[idx], item[idx], code[idx], ts[idx], extras={"value": val[idx]})
         return pair[idx], code[idx], ts[idx], val[idx], user[idx], req[idx], item[idx]
 

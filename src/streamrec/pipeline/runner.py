@@ -44,7 +44,6 @@ from typing import Any, Literal
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from streamrec.errors import ConfigError
@@ -254,6 +253,7 @@ class _Streams:
     def __init__(self, cfg: PipelineConfig, offsets: list[int]) -> None:
         self.offsets = list(offsets)
         self.buf: list[list[pa.RecordBatch]] = [[], []]
+        self._max: list[list[int]] = [[], []]  # max ts_ms of each buffered batch
         self.done = [False, False]
         depth = cfg.queue_batches
         if cfg.source == "generate":
@@ -279,12 +279,13 @@ class _Streams:
         for k, b in enumerate(item):
             if b is not None and b.num_rows:
                 self.buf[k].append(b)
+                self._max[k].append(int(b.column("ts_ms").to_numpy().max()))
 
     def head_ts(self, s: int) -> int | None:
         return int(self.buf[s][0].column("ts_ms")[0].as_py()) if self.buf[s] else None
 
     def has_at_or_past(self, s: int, cut: int) -> bool:
-        return any(int(pc.max(b.column("ts_ms")).as_py()) >= cut for b in self.buf[s])
+        return any(m >= cut for m in self._max[s])
 
     def take(self, s: int, cut: int) -> pa.RecordBatch:
         """The longest prefix of buffered rows of stream ``s`` with ``ts_ms < cut``."""
@@ -296,6 +297,7 @@ class _Streams:
             if past.size == 0:
                 taken.append(b)
                 self.buf[s].pop(0)
+                self._max[s].pop(0)
                 continue
             k = int(past[0])
             if k:
@@ -485,8 +487,8 @@ class EmbeddedRunner:
         self._epoch += 1
         ck = self.config.checkpoints
         name = f"epoch-{self._epoch:06d}"
-        tmp = ck / (name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
+        # Named for this process: a snapshot child orphaned by a killed run may still write its own.
+        tmp = ck / f"{name}.tmp-{os.getpid()}"
         tmp.mkdir(parents=True)
         self.join.snapshot(tmp / "join")
         if self.stores is not None:

@@ -72,10 +72,13 @@ class ExpiryWheel:
             self._add(first, keys.copy())
         else:
             order = np.argsort(sl, kind="stable")
-            sl_sorted = sl[order]
+            sl_sorted, keys_sorted = sl[order], keys[order]
             bounds = np.flatnonzero(np.diff(sl_sorted)) + 1
-            for part in np.split(order, bounds):
-                self._add(int(sl[part[0]]), keys[part])
+            lo = np.concatenate([[0], bounds]).tolist()
+            hi = [*lo[1:], keys.size]
+            # views of one sorted copy: no gather per slice (a join files a batch in ~100 1-tick slices)
+            for a, z in zip(lo, hi, strict=True):
+                self._add(int(sl_sorted[a]), keys_sorted[a:z])
         self.entries += keys.size
 
     def next_due(self) -> int | None:
