@@ -16,8 +16,6 @@ Subcommands:
     ps check FILE                   validate a cluster spec and print its placement
     pipeline run --config F         the sample pipeline in this process (join, features, Parquet,
                                     checkpoints; resumes from the last checkpoint)
-    pipeline run --config F         the sample pipeline in this process (join, features, Parquet,
-                                    checkpoints; resumes from the last checkpoint)
 
 Thread safety: a command-line entry point; runs once per process.
 """
@@ -223,22 +221,6 @@ def _pipeline(args: argparse.Namespace) -> int:
     return 0
 
 
-def _pipeline(args: argparse.Namespace) -> int:
-    from streamrec.errors import ConfigError
-    from streamrec.pipeline.runner import EmbeddedRunner, load_pipeline_config
-
-    try:
-        cfg = load_pipeline_config(args.config)
-        runner = EmbeddedRunner(cfg, resume=not args.restart)
-    except ConfigError as exc:
-        print(f"streamrec pipeline run: {exc}", file=sys.stderr)
-        return 2
-    stats = runner.run(max_batches=args.max_batches)
-    print(f"{stats.events:,} events, {stats.samples:,} samples in {stats.batches:,} micro-batches, "
-          f"{stats.checkpoints} checkpoints, {stats.files} files in {cfg.output}")
-    return 0
-
-
 def _demo(args: argparse.Namespace) -> int:
     from streamrec.demo import run_demo
 
@@ -369,21 +351,6 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--json", action="store_true", help="one JSON list of rows instead of a table")
     status.add_argument("--timeout", type=float, default=1.0, help="seconds per node (default 1)")
     status.set_defaults(func=_ps)
-    pl = sub.add_parser("pipeline", help="the real-time sample pipeline",
-                        description="'run' joins impressions with actions into labelled samples "
-                        "(streamrec.pipeline.runner).")
-    pl_sub = pl.add_subparsers(dest="what", metavar="WHAT", required=True)
-    run = pl_sub.add_parser("run", help="run the embedded pipeline (one process)",
-                            description="Read the sources, join impressions with actions in event-time "
-                            "micro-batches (state in store tables), add features, write Parquet sample files "
-                            "and checkpoints; a second run resumes from the last checkpoint, losing and "
-                            "repeating nothing. pipeline.toml: top-level PipelineConfig fields, [join] "
-                            "(JoinConfig) and [generator] (GeneratorConfig) tables.")
-    run.add_argument("--config", required=True, help="pipeline.toml")
-    run.add_argument("--restart", action="store_true", help="discard checkpoints and output, start over")
-    run.add_argument("--max-batches", type=int, default=None, help="stop (with a checkpoint) after N batches")
-    run.set_defaults(func=_pipeline)
-
     pl = sub.add_parser("pipeline", help="the real-time sample pipeline",
                         description="'run' joins impressions with actions into labelled samples "
                         "(streamrec.pipeline.runner).")
