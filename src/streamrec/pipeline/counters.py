@@ -277,6 +277,7 @@ class Counters:
             self._table.find(uniq, out=rows[:n])  # zeros for keys not yet counted
             late = int(_apply(rows, inv, buckets, inc8, self.spec.ring))
             # The watermark row rides in the same write (one writer-lock hold), and never expires.
+            rows[n] = 0.0
             rows[n, 0] = self._watermark_ms
             ttl = np.full(n + 1, self.spec.ttl_s, dtype=np.int64)
             ttl[n] = 0
