@@ -26,6 +26,7 @@ mode, no parameter writes); ``Encoded`` values are never changed after they are 
 from __future__ import annotations
 
 import itertools
+import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -38,7 +39,9 @@ from streamrec.model._layers import time_buckets
 from streamrec.model.batch import RequestBatch
 from streamrec.model.stca import STCA, ragged_target_attention
 
-__all__ = ["Encoded", "ModelRunner"]
+__all__ = ["Encoded", "ModelRunner", "sample_batch"]
+
+log = logging.getLogger("streamrec.serving")
 
 
 @dataclass(frozen=True)
@@ -93,16 +96,29 @@ class ModelRunner:
         if tasks is None and cfg is None:
             raise ValueError("tasks: the model has no config.tasks; pass the task names")
         self.tasks: tuple[str, ...] = tuple(tasks if tasks is not None else cfg.tasks)  # type: ignore[union-attr]
-        self.split = isinstance(model, STCA)
+        # Split only a model whose scores the split reproduces (checked on a sample batch): a
+        # change to STCA's layers that this module does not mirror falls back to whole calls.
+        self.split = isinstance(model, STCA) and getattr(model, "window", None) is None
         self.compiled = compiled
         self.dense_features = int(getattr(cfg, "dense_features", 0))
         self.sparse_features = int(getattr(cfg, "sparse_features", 0))
         self._tokens_kv: Callable[[torch.Tensor], tuple[torch.Tensor, ...]] = self._tokens_kv_eager
         head: Any = self._m.head if self.split else None
         self._head: Callable[[torch.Tensor], torch.Tensor] = head
+        if self.split and not self._split_matches():
+            log.warning("the model's scores differ from the split path's; serving whole model calls")
+            self.split = False
         if compiled and self.split:
             self._tokens_kv = torch.compile(self._tokens_kv_eager, dynamic=True)
             self._head = torch.compile(head, dynamic=True)
+
+    def _split_matches(self) -> bool:
+        batch = sample_batch(self)
+        with torch.inference_mode():
+            whole = self.model(batch)
+        self.split = True
+        split = self.score(batch, self._encode_batch(batch))
+        return bool(torch.allclose(whole, split, rtol=1e-4, atol=1e-5))
 
     # -- history ------------------------------------------------------------------------
 
@@ -192,17 +208,32 @@ class ModelRunner:
             q = layer.q(torch.cat([target, *outs], dim=1)).view(-1, h, e)
             att = ragged_target_attention(q, k, v, hist_offsets, batch.target_offsets, c.attn_chunk)
             outs.append(layer.o(att.reshape(-1, c.dim)))
-        parts = [torch.cat(outs, dim=1), target, *m.features(batch)]
+        parts = [torch.cat([*outs, *(o * target for o in outs)], dim=1), target, *m.features(batch)]
         return self._head(torch.cat(parts, dim=1))
 
-    def warm_up(self, batch: RequestBatch) -> None:
-        """Run ``batch`` once through every path (compiles the compiled path before traffic)."""
-        if self.split and batch.num_requests:
-            off = batch.hist_offsets.numpy()
-            enc = [self.encode(batch.hist_item.numpy()[a:b], batch.hist_action.numpy()[a:b],
-                               batch.hist_ts_ms.numpy()[a:b], batch.hist_value.numpy()[a:b],
-                               int(batch.request_ts_ms[r]))
-                   for r, (a, b) in enumerate(itertools.pairwise(off))]
-            self.score(batch, enc)
-        else:
-            self.score(batch)
+    def _encode_batch(self, batch: RequestBatch) -> list[Encoded]:
+        off = batch.hist_offsets.numpy()
+        return [self.encode(batch.hist_item.numpy()[a:b], batch.hist_action.numpy()[a:b],
+                            batch.hist_ts_ms.numpy()[a:b], batch.hist_value.numpy()[a:b],
+                            int(batch.request_ts_ms[r]))
+                for r, (a, b) in enumerate(itertools.pairwise(off))]
+
+    def warm_up(self, batch: RequestBatch | None = None) -> None:
+        """Run ``batch`` (default a small sample) once through the serving path (compiles the
+        compiled path before traffic)."""
+        batch = batch if batch is not None else sample_batch(self)
+        self.score(batch, self._encode_batch(batch) if self.split else None)
+
+
+def sample_batch(runner: ModelRunner, history: int = 40, candidates: int = 8) -> RequestBatch:
+    """A small synthetic batch of the runner's feature widths: two requests, one with an empty history."""
+    rng = np.random.default_rng(0)
+    t = 2 * candidates
+    now = 1_767_225_600_000
+    return RequestBatch.from_numpy(
+        hist_offsets=[0, history, history], hist_item=rng.integers(0, 1 << 20, history),
+        hist_action=rng.integers(1, 7, history), hist_ts_ms=now - rng.integers(0, 1 << 30, history),
+        hist_value=rng.random(history) * 10, request_ts_ms=[now, now], user_id=[3, 4],
+        target_offsets=[0, candidates, t], target_item=rng.integers(0, 1 << 20, t),
+        target_category=rng.integers(0, 50, t), dense=rng.random((t, runner.dense_features)),
+        sparse=rng.integers(0, 20, (t, runner.sparse_features)), tasks=runner.tasks)

@@ -27,16 +27,14 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from streamrec.errors import CheckpointError
-from streamrec.model.batch import RequestBatch
 from streamrec.model.checkpoint import Checkpoint, current_version, load_current
 from streamrec.model.stca import STCA, ModelConfig
 from streamrec.serving.executor import ModelRunner
 
-__all__ = ["ModelSlot", "VersionWatcher", "model_from_checkpoint", "runner_from_checkpoint", "warm_up_batch"]
+__all__ = ["ModelSlot", "VersionWatcher", "model_from_checkpoint", "runner_from_checkpoint"]
 
 log = logging.getLogger("streamrec.serving")
 
@@ -73,19 +71,6 @@ def model_from_checkpoint(ckpt: Checkpoint) -> torch.nn.Module:
 def runner_from_checkpoint(ckpt: Checkpoint, *, compiled: bool = False) -> ModelRunner:
     """A ``ModelRunner`` of the checkpoint's model (``model_from_checkpoint``), version attached."""
     return ModelRunner(model_from_checkpoint(ckpt), ckpt.version, compiled=compiled)
-
-
-def warm_up_batch(runner: ModelRunner, history: int = 16, candidates: int = 8) -> RequestBatch:
-    """A small synthetic batch of the runner's feature widths (two requests: one empty history)."""
-    rng = np.random.default_rng(0)
-    t = 2 * candidates
-    now = 1_767_225_600_000
-    return RequestBatch.from_numpy(
-        hist_offsets=[0, history, history], hist_item=rng.integers(0, 1 << 20, history),
-        hist_action=rng.integers(1, 7, history), hist_ts_ms=now - rng.integers(0, 1 << 30, history),
-        request_ts_ms=[now, now], target_offsets=[0, candidates, t], target_item=rng.integers(0, 1 << 20, t),
-        dense=np.zeros((t, runner.dense_features), np.float32),
-        sparse=np.zeros((t, runner.sparse_features), np.int64), tasks=runner.tasks)
 
 
 class ModelSlot:
@@ -148,7 +133,7 @@ class VersionWatcher:
         try:
             ckpt = load_current(self.model_dir, tables=False)
             runner = self.make_runner(ckpt)
-            runner.warm_up(warm_up_batch(runner))
+            runner.warm_up()
         except (CheckpointError, ValueError, RuntimeError) as exc:
             return self._failed(f"version {v}: {exc}")
         self.slot.swap(runner)
