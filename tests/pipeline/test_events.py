@@ -90,6 +90,22 @@ def test_every_kind_of_bad_event_goes_to_dead_letters_and_the_stream_goes_on(tmp
     assert {w["kind"] for w in written} == {"actions"}
 
 
+def test_csv_rows_are_typed_and_bad_ones_refused(tmp_path: Path) -> None:
+    d = tmp_path / "in"
+    d.mkdir()
+    (d / "a.csv").write_text("request_id,user_id,item_id,ts_ms,action,value\n"
+                             f"1,2,3,{T0},click,0\n"
+                             f"2,abc,3,{T0},1,0\n"
+                             f"3,,3,{T0},1,0\n"
+                             f"4,2,3,{T0},4\n"
+                             f"5,2,3,{T0 + 5},finish,12.5\n")
+    with DeadLetters(tmp_path / "dl.jsonl") as dl:
+        out = pa.Table.from_batches(list(read_events(d, "actions", dead_letters=dl)))
+    assert out.to_pylist() == [_action(1, user_id=2, item_id=3, ts_ms=T0),
+                               _action(5, user_id=2, item_id=3, ts_ms=T0 + 5, action=4, value=12.5)]
+    assert dl.count == {"mistyped:user_id": 1, "missing:user_id": 1, "malformed": 1}
+
+
 def test_an_unreadable_file_is_a_dead_letter_and_the_next_file_is_read(tmp_path: Path) -> None:
     d = tmp_path / "in"
     d.mkdir()

@@ -602,6 +602,9 @@ def histories(cfg: GeneratorConfig, n_events: int, users: np.ndarray | None = No
     Args:
         n_events: actions per user (exactly this many).
         users: which users (default all), any order; returned in that order.
+
+    Memory: about 33 bytes per action returned (10k users x 10k actions is 3.3 GB: take a subset of users,
+    or ``write_histories``, which goes in chunks). Speed: about 0.6 M actions/s on one core.
     """
     truth = truth if truth is not None else GroundTruth(cfg)
     users = np.arange(cfg.users, dtype=np.int64) if users is None else np.asarray(users, np.int64)

@@ -129,14 +129,17 @@ def read_file(path: Path) -> tuple[pa.Table, list[tuple[int, str]]]:
         bad: list[tuple[int, str]] = []
 
         def invalid(row: Any) -> str:
-            bad.append((max(0, row.number - 2 - len(bad)), row.text or ""))
+            at = 0 if row.number is None else max(0, row.number - 2 - len(bad))  # rows before it
+            bad.append((at, row.text or ""))
             return "skip"
 
         with path.open("rb") as fb:
             header = fb.readline().decode("utf-8", "replace").strip().split(",")
         convert = pcsv.ConvertOptions(column_types={h: pa.string() for h in header},
                                       strings_can_be_null=True, quoted_strings_can_be_null=False)
-        table = pcsv.read_csv(path, parse_options=pcsv.ParseOptions(invalid_row_handler=invalid),
+        # One thread, so the handler learns each bad row's line number (parallel parsing does not know it).
+        table = pcsv.read_csv(path, read_options=pcsv.ReadOptions(use_threads=False),
+                              parse_options=pcsv.ParseOptions(invalid_row_handler=invalid),
                               convert_options=convert)
         return table, bad
     if fmt == "jsonl":
