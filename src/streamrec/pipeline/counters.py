@@ -239,35 +239,25 @@ class Counters:
 
     # -- writes ---------------------------------------------------------------------
 
-    def update(self, batch: pa.RecordBatch) -> int:
-        """Count a batch of impressions or actions; returns the events applied.
+    def update(self, *batches: pa.RecordBatch | None) -> int:
+        """Count batches of impressions or actions, in order, in one write; returns the events applied.
 
-        Events not counted by any channel (impressions when only actions are
-        counted, other action types) are skipped; events older than their key's
-        ring are dropped and counted (module doc).
+        Each batch is impressions or actions (an ``action`` column); None is
+        skipped. Events not counted by any channel (impressions when only
+        actions are counted, other action types) are skipped; events older than
+        their key's ring are dropped and counted (module doc). A runner passes
+        a micro-batch's impressions and actions together: each key's row is
+        then read and written once.
 
         Raises:
             MissingColumns: ``ts_ms`` or the key column is absent.
             FeatureError: nulls or negative values in them.
         """
-        is_actions = "action" in batch.schema.names
-        sel = self._source_action if is_actions else ~self._source_action
-        if not sel.any() or batch.num_rows == 0:
+        parts = [p for p in (self._counted(b) for b in batches if b is not None) if p is not None]
+        if not parts:
             return 0
-        need = [self.spec.key, "ts_ms"] + (["action"] if is_actions else [])
-        cols = _columns(batch, need, "counters")
-        keys, ts = cols[0], cols[1]
-        if is_actions:
-            acts = cols[2].astype(np.int64, copy=False)
-            inc = (acts[:, None] == self._codes[None, :]) & sel[None, :]
-        else:
-            inc = np.broadcast_to(sel[None, :], (keys.shape[0], sel.shape[0]))
-        hit = inc.any(axis=1)
-        if not hit.all():
-            keys, ts, inc = keys[hit], ts[hit], inc[hit]
-        if keys.shape[0] == 0:
-            return 0
-        inc8 = np.ascontiguousarray(inc, dtype=np.uint8)
+        keys, ts, inc8 = (np.concatenate([p[k] for p in parts]) if len(parts) > 1 else parts[0][k]
+                          for k in range(3))
         buckets = ts // self.spec.bucket_ms
         with self._lock:
             self._watermark_ms = max(self._watermark_ms, int(ts.max()))
@@ -285,6 +275,27 @@ class Counters:
             self._events += keys.shape[0] - late
             self._late += late
         return keys.shape[0] - late
+
+    def _counted(self, batch: pa.RecordBatch) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+        """(keys, ts, increments uint8 (N, C)) of the batch's counted events, or None if none counts."""
+        is_actions = "action" in batch.schema.names
+        sel = self._source_action if is_actions else ~self._source_action
+        if not sel.any() or batch.num_rows == 0:
+            return None
+        need = [self.spec.key, "ts_ms"] + (["action"] if is_actions else [])
+        cols = _columns(batch, need, "counters")
+        keys, ts = cols[0], cols[1]
+        if is_actions:
+            acts = cols[2].astype(np.int64, copy=False)
+            inc = (acts[:, None] == self._codes[None, :]) & sel[None, :]
+            hit = inc.any(axis=1)
+            if not hit.all():
+                keys, ts, inc = keys[hit], ts[hit], inc[hit]
+        else:
+            inc = np.broadcast_to(sel[None, :], (keys.shape[0], sel.shape[0]))
+        if keys.shape[0] == 0:
+            return None
+        return keys, ts, np.ascontiguousarray(inc, dtype=np.uint8)
 
     # -- reads ----------------------------------------------------------------------
 

@@ -528,11 +528,9 @@ class Stores:
 
     def observe(self, impressions: pa.RecordBatch | None = None,
                 actions: pa.RecordBatch | None = None) -> None:
-        """Count a micro-batch of events into every counter (impressions first)."""
-        for batch in (impressions, actions):
-            if batch is not None:
-                for c in self.counters.values():
-                    c.update(batch)
+        """Count a micro-batch of events into every counter (impressions first, one write per counter)."""
+        for c in self.counters.values():
+            c.update(impressions, actions)
 
     def snapshot_counters(self, root: str | os.PathLike[str]) -> None:
         """Snapshot every counter table under ``root/<group name>``."""
