@@ -3,7 +3,7 @@ and reused input buffers, each counting its hits.
 
 Owns: ``HistoryCache`` (user -> ``Encoded`` history, valid while the user's sequence is
 unchanged: request-level batching across requests), ``EmbeddingCache`` (item id -> embedding row,
-bounded, for embeddings that live outside the model: a ``PSClient`` table) and ``Buffers``
+bounded, for embeddings that live outside the model: a version's store tables) and ``Buffers``
 (growable arrays a worker fills each batch instead of allocating). It must not read stores itself.
 
 The history key. A user's entry is kept under ``(user, model version)`` with the sequence
@@ -25,10 +25,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
+import torch
+from torch import nn
 
 from streamrec.serving.executor import Encoded
 
-__all__ = ["Buffers", "EmbeddingCache", "HistoryCache", "HitRate"]
+__all__ = ["Buffers", "CachedEmbedding", "EmbeddingCache", "HistoryCache", "HitRate"]
 
 Fingerprint = tuple[int, int, int, int]
 
@@ -132,8 +134,9 @@ class EmbeddingCache:
     """Item id -> embedding row for rows fetched from outside the model, bounded in rows.
 
     Args:
-        fetch: ``(ids int64 (B,)) -> (rows float32 (B, D), found bool (B,))`` (a ``PSClient.find``
-            of one table); rows not found get the default embedding (zeros) and are not cached.
+        fetch: ``(ids int64 (B,)) -> (rows float32 (B, D), found bool (B,))`` (the ``find`` of a
+            version's table snapshot); rows not found get the default embedding (zeros). Both are
+            cached: a snapshot does not change, so neither goes stale within its version.
         dim: D.
         max_rows: the bound; past it the least recently used rows go first (0: no caching).
 
@@ -170,18 +173,36 @@ class EmbeddingCache:
             rows, found = self.fetch(want)
             rows = np.asarray(rows, dtype=np.float32).reshape(want.shape[0], self.dim)
             found = np.asarray(found, dtype=bool)
-            out[miss] = np.where(found[:, None], rows, 0.0)
+            got = np.where(found[:, None], rows, np.float32(0.0))
+            out[miss] = got
             if self.max_rows:
                 with self._lock:
-                    for k, row, ok in zip(want.tolist(), rows, found.tolist(), strict=True):
-                        if ok:
-                            self._rows[k] = row.copy()
+                    for k, row in zip(want.tolist(), got, strict=True):
+                        self._rows[k] = row
                     while len(self._rows) > self.max_rows:
                         self._rows.popitem(last=False)
         return out[inv]
 
     def __len__(self) -> int:
         return len(self._rows)
+
+
+class CachedEmbedding(nn.Module):
+    """A model's embedding module over an ``EmbeddingCache``: what serving puts in place of the
+    training bridge (``model.embedding.StoreEmbedding``), reading rows and never inserting.
+
+    Shape: ids int64 (...,) -> rows float32 (..., D); absent ids get zeros (the default embedding).
+    """
+
+    def __init__(self, cache: EmbeddingCache) -> None:
+        super().__init__()
+        self.cache = cache
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        flat = ids.reshape(-1)
+        uniq, inverse = torch.unique(flat, return_inverse=True)
+        rows = torch.from_numpy(self.cache.lookup(uniq.numpy()))
+        return rows[inverse].reshape(*ids.shape, self.cache.dim)
 
 
 class Buffers:

@@ -16,6 +16,7 @@ Thread safety: one thread calls ``start``/``stop``/``run``.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import socket
@@ -37,7 +38,7 @@ from streamrec.serving.executor import ModelRunner
 from streamrec.serving.metrics import ServingMetrics
 from streamrec.serving.orchestrator import Orchestrator
 from streamrec.serving.preprocess import Preprocessor, feature_columns
-from streamrec.serving.versions import ModelSlot, VersionWatcher, runner_from_checkpoint
+from streamrec.serving.versions import ModelSlot, VersionWatcher, embedding_caches, runner_from_checkpoint
 
 __all__ = ["Server"]
 
@@ -83,6 +84,8 @@ class Server:
         if self.cache is not None:
             c = self.cache
             self.metrics.watch_cache("history", lambda: (c.stats.hits, c.stats.lookups))
+        for role in ("items", "users"):
+            self.metrics.watch_cache(f"embedding_{role}", functools.partial(self._embedding_stats, role))
         self.features = features
         self.stores = stores
         self.slot = ModelSlot()
@@ -118,7 +121,8 @@ class Server:
             elif self.features is None or fs.fingerprint != self.features.fingerprint:
                 raise CheckpointError(path=str(ckpt.path),
                                       problem="its feature set differs from the one served")
-        runner = runner_from_checkpoint(ckpt, compiled=self.compiled)
+        rows = self.config.embedding_cache_rows if self.config.pda else 0
+        runner = runner_from_checkpoint(ckpt, compiled=self.compiled, embedding_cache_rows=rows)
         self._check_widths(runner)
         return runner
 
@@ -132,6 +136,11 @@ class Server:
             raise CheckpointError(path=f"version {runner.version}", problem=(
                 f"the model takes {runner.sparse_features} categorical and {runner.dense_features} dense "
                 f"columns; serving gives {len(sparse)} ({sparse}) and {len(dense)} ({dense})"))
+
+    def _embedding_stats(self, role: str) -> tuple[int, int]:
+        r = self.slot.runner
+        cache = embedding_caches(r).get(role) if r is not None else None
+        return (cache.stats.hits, cache.stats.lookups) if cache is not None else (0, 0)
 
     def _swapped(self, runner: ModelRunner) -> None:
         self.metrics.model_version.set(runner.version)

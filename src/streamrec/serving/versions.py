@@ -25,23 +25,33 @@ import os
 import threading
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 
 from streamrec.errors import CheckpointError
 from streamrec.model.checkpoint import Checkpoint, current_version, load_current
 from streamrec.model.stca import STCA, ModelConfig
+from streamrec.serving.cache import CachedEmbedding, EmbeddingCache
 from streamrec.serving.executor import ModelRunner
 
-__all__ = ["ModelSlot", "VersionWatcher", "model_from_checkpoint", "runner_from_checkpoint"]
+if TYPE_CHECKING:
+    from streamrec.store.table import EmbeddingTable
+
+__all__ = ["ModelSlot", "VersionWatcher", "embedding_caches", "model_from_checkpoint",
+           "runner_from_checkpoint"]
 
 log = logging.getLogger("streamrec.serving")
 
 
-def model_from_checkpoint(ckpt: Checkpoint) -> torch.nn.Module:
+def model_from_checkpoint(ckpt: Checkpoint, *, embedding_cache_rows: int = 0) -> torch.nn.Module:
     """The module a checkpoint's manifest names (``model.class``: ``STCA`` or a baseline of
     ``streamrec.model.baselines``), with its dense weights loaded.
+
+    Sparse rows the trainer kept in the store (the version's ``items`` and ``users`` tables, as
+    ``model.train`` names them) are read through an ``EmbeddingCache`` of ``embedding_cache_rows``
+    rows each (``cache.CachedEmbedding``); ids absent from them get zeros.
 
     Raises:
         CheckpointError: an unknown class, a config that does not build, or weights that do not fit.
@@ -57,20 +67,41 @@ def model_from_checkpoint(ckpt: Checkpoint) -> torch.nn.Module:
         except (ImportError, AttributeError):
             raise CheckpointError(path=str(ckpt.path), problem=f"unknown model class {name!r}") from None
     known = {f.name: f for f in dataclasses.fields(ModelConfig)}
+    kw: dict[str, Any] = {}
+    for table, arg in (("items", "item_embedding"), ("users", "user_embedding")):
+        if table in ckpt.tables:
+            t = ckpt.tables[table]
+            kw[arg] = CachedEmbedding(EmbeddingCache(_finder(t), int(t.dim), embedding_cache_rows))
     try:
         kwargs: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v
                                   for k, v in raw.items() if k in known}
-        cfg = ModelConfig(**kwargs)
-        model: torch.nn.Module = cls(cfg)
+        model: torch.nn.Module = cls(ModelConfig(**kwargs), **kw)
         model.load_state_dict(ckpt.dense)
     except (TypeError, ValueError, RuntimeError) as exc:
         raise CheckpointError(path=str(ckpt.path), problem=f"cannot rebuild {name}: {exc}") from exc
     return model
 
 
-def runner_from_checkpoint(ckpt: Checkpoint, *, compiled: bool = False) -> ModelRunner:
+def _finder(table: EmbeddingTable) -> Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]:
+    return lambda ids: table.find(ids.astype(np.uint64))
+
+
+def embedding_caches(runner: ModelRunner) -> dict[str, EmbeddingCache]:
+    """The runner's hot-embedding caches by role (``items``, ``users``); empty for in-model tables."""
+    m = runner.model
+    out = {}
+    for role, attr in (("items", "item_embedding"), ("users", "user")):
+        mod = getattr(m, attr, None)
+        if isinstance(mod, CachedEmbedding):
+            out[role] = mod.cache
+    return out
+
+
+def runner_from_checkpoint(ckpt: Checkpoint, *, compiled: bool = False, embedding_cache_rows: int = 0
+                           ) -> ModelRunner:
     """A ``ModelRunner`` of the checkpoint's model (``model_from_checkpoint``), version attached."""
-    return ModelRunner(model_from_checkpoint(ckpt), ckpt.version, compiled=compiled)
+    return ModelRunner(model_from_checkpoint(ckpt, embedding_cache_rows=embedding_cache_rows), ckpt.version,
+                       compiled=compiled)
 
 
 class ModelSlot:
@@ -131,7 +162,7 @@ class VersionWatcher:
         if v is None or (cur is not None and cur.version == v):
             return False
         try:
-            ckpt = load_current(self.model_dir, tables=False)
+            ckpt = load_current(self.model_dir)
             runner = self.make_runner(ckpt)
             runner.warm_up()
         except (CheckpointError, ValueError, RuntimeError) as exc:
