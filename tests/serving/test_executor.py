@@ -3,6 +3,7 @@ compiled path equals the eager one, and the history cache behaves as a byte-boun
 
 from __future__ import annotations
 
+import itertools
 from collections import OrderedDict
 
 import numpy as np
@@ -30,7 +31,7 @@ def _batch(rng: np.random.Generator, lens: list[int], targets: list[int], now: i
 def _encode(r: ModelRunner, b: RequestBatch, now: int) -> list[Encoded]:
     off = b.hist_offsets.numpy()
     return [r.encode(b.hist_item.numpy()[a:c], b.hist_action.numpy()[a:c], b.hist_ts_ms.numpy()[a:c],
-                     b.hist_value.numpy()[a:c], now) for a, c in zip(off[:-1], off[1:], strict=True)]
+                     b.hist_value.numpy()[a:c], now) for a, c in itertools.pairwise(off)]
 
 
 def test_split_and_refresh_equal_the_model() -> None:

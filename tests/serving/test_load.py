@@ -71,13 +71,15 @@ def test_split_and_packed_requests_score_as_alone(store: SequenceStore) -> None:
     model = small_model(seed=2)
     cfg = ServeConfig(port=0, chunk_candidates=64, batch_candidates=256, max_wait_ms=5.0)
     rng = np.random.default_rng(5)
-    reqs = [(int(u), rng.integers(0, 10**5, int(n))) for u, n in
-            zip(rng.choice([1, 2, 3, 4, 5, 77], 24), np.exp(rng.normal(4, 1.2, 24)).clip(1, 1500), strict=True)]
+    sizes = np.exp(rng.normal(4, 1.2, 24)).clip(1, 1500)
+    reqs = [(int(u), rng.integers(0, 10**5, int(n)))
+            for u, n in zip(rng.choice([1, 2, 3, 4, 5, 77], 24), sizes, strict=True)]
     with Server(cfg, runner=ModelRunner(model, 1), stores=Stores(sequences=store)) as s:
         async def go() -> list[httpx.Response]:
             async with httpx.AsyncClient(base_url=s.url, timeout=60) as c:
                 return list(await asyncio.gather(*(
-                    c.post("/rank", json={"user_id": u, "item_ids": it.tolist(), "ts_ms": NOW_MS}) for u, it in reqs)))
+                    c.post("/rank", json={"user_id": u, "item_ids": it.tolist(), "ts_ms": NOW_MS})
+                    for u, it in reqs)))
         got = asyncio.run(go())
         assert max(n.size for _, n in reqs) > 64  # some were split
         assert s.orchestrator.batches < len(reqs) + sum(it.size // 64 for _, it in reqs)  # some were packed
@@ -106,7 +108,8 @@ def test_model_swap_under_load_fails_no_request(tmp_path: Path, store: SequenceS
             while not stop.is_set():
                 r = c.post("/rank", json={"user_id": 1, "item_ids": items.tolist(), "ts_ms": NOW_MS})
                 body = r.json()
-                results.append((r.status_code, body.get("model_version", ""), np.array(body.get("scores", []))))
+                scores = np.array(body.get("scores", []))
+                results.append((r.status_code, body.get("model_version", ""), scores))
 
     with Server(cfg, model_dir=tmp_path, stores=Stores(sequences=store)) as s:
         threads = [threading.Thread(target=load, args=(s,)) for _ in range(3)]
