@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -45,8 +46,8 @@ def samples_of(output: Path) -> pa.Table:
 
 
 def cli(config: Path, *extra: str) -> subprocess.Popen[bytes]:
-    return subprocess.Popen([sys.executable, "-m", "streamrec.cli", "pipeline", "run", "--config", str(config),
-                             *extra], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    cmd = [sys.executable, "-m", "streamrec.cli", "pipeline", "run", "--config", str(config), *extra]
+    return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
 
 
 @pytest.mark.slow
@@ -79,7 +80,8 @@ def test_sigkill_mid_stream_then_resume_loses_and_repeats_nothing(tmp_path: Path
 
 def test_files_and_generator_agree_and_subscribers_see_the_files(tmp_path: Path) -> None:
     write_events(GEN, tmp_path / "events", events=20_000, rows_per_file=3000)
-    common = {"batch_ms": 500, "checkpoint_every": 5, "progress": False, "events": 20_000, "generator": GEN}
+    common: dict[str, Any] = {"batch_ms": 500, "checkpoint_every": 5, "progress": False, "events": 20_000,
+                              "generator": GEN}
     from streamrec.pipeline.join import JoinConfig
 
     join = JoinConfig(window_s=30, huge_pages=False)
@@ -117,9 +119,10 @@ def test_config_file_errors_name_the_field(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="batch_ms"):
         load_pipeline_config(p)
     p.write_text("[join]\nwindow = 30\n")
-    with pytest.raises(ConfigError, match="join.window"):
+    with pytest.raises(ConfigError, match=r"join\.window"):
         load_pipeline_config(p)
-    p.write_text('features = "default"\n[join]\nwindow_s = 60\n[generator]\nusers = 5\nrare_period = [10, 20]\n')
+    p.write_text('features = "default"\n[join]\nwindow_s = 60\n'
+                 "[generator]\nusers = 5\nrare_period = [10, 20]\n")
     cfg = load_pipeline_config(p)
     assert cfg.join.window_s == 60 and cfg.generator.users == 5 and cfg.generator.rare_period == (10, 20)
 
@@ -127,7 +130,7 @@ def test_config_file_errors_name_the_field(tmp_path: Path) -> None:
 def test_a_checkpoint_of_another_join_config_is_refused(tmp_path: Path) -> None:
     from streamrec.pipeline.join import JoinConfig
 
-    kw = {"output": str(tmp_path / "o"), "events": 3000, "generator": GEN, "progress": False}
+    kw: dict[str, Any] = {"output": str(tmp_path / "o"), "events": 3000, "generator": GEN, "progress": False}
     EmbeddedRunner(PipelineConfig(join=JoinConfig(window_s=30, huge_pages=False), **kw)).run(max_batches=3)
     with pytest.raises(ConfigError, match="join"):
         EmbeddedRunner(PipelineConfig(join=JoinConfig(window_s=60, huge_pages=False), **kw))

@@ -252,6 +252,10 @@ class SampleJoin:
         """Rows in the pending table (impressions waiting, and pairs holding parked actions)."""
         return len(self._tables[0]) if self._tables is not None else 0
 
+    def pending_bytes(self) -> int:
+        """Bytes held by the pending table (index and rows)."""
+        return self._tables[0].memory_bytes if self._tables is not None else 0
+
     def memory_bytes(self) -> int:
         """Bytes held by the join's tables (not the sequences)."""
         return sum(t.memory_bytes for t in self._tables) if self._tables is not None else 0
