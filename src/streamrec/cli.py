@@ -151,6 +151,8 @@ def _ps(args: argparse.Namespace) -> int:
         for t, table in enumerate(spec.tables):
             for s in range(table.shards):
                 print(f"{table.name}[{s}]: {', '.join(spec.replicas(t, s))}")
+            if table.serving:
+                print(f"{table.name} read-only (fanout {table.fanout}): {', '.join(table.serving)}")
         return 0
     if args.what == "dump":
         return _ps_dump(spec, args)
@@ -257,6 +259,12 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train(args: argparse.Namespace) -> int:
+    from streamrec.model.train import run_command
+
+    return run_command(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="streamrec",
@@ -314,6 +322,41 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--histories", type=int, default=0,
                    help="also write each user's last N actions before the stream to histories.parquet")
     g.set_defaults(func=_generate)
+
+    t = sub.add_parser("train", help="train a ranking model: sample files, online, or MovieLens-100k",
+                       description="'samples PATH...' trains on the pipeline's sample Parquet files "
+                       "(histories from --sequences, a SequenceStore snapshot); 'online' runs the pipeline "
+                       "in-process and trains on its samples as they are emitted, each batch scored before "
+                       "it is trained on; 'movielens' trains next-item prediction on ml-100k (the recbole "
+                       "wheel is fetched into ~/.cache/streamrec) and reports HR@10 / NDCG@10 of "
+                       "leave-one-out full ranking.")
+    t.add_argument("source", choices=["samples", "online", "movielens"])
+    t.add_argument("paths", nargs="*", help="sample Parquet files or directories (for 'samples')")
+    t.add_argument("--model", default="stca", choices=["stca", "sasrec", "din", "mean", "popularity"])
+    t.add_argument("--model-dir", help="publish checkpoints here (CURRENT names the newest)")
+    t.add_argument("--sequences", help="SequenceStore snapshot directory for histories ('samples')")
+    t.add_argument("--pipeline", help="pipeline.toml ('online'; default: the generator, default features)")
+    t.add_argument("--events", type=int, default=0, help="events the generator draws ('online'; 0: config)")
+    t.add_argument("--epochs", type=int, default=1, help="epochs ('movielens', default 1)")
+    t.add_argument("--negatives", type=int, default=16, help="sampled negatives per positive ('movielens')")
+    t.add_argument("--history", type=int, default=10_000, help="newest history events read per request")
+    t.add_argument("--min-len", type=int, default=0, help="sampled training history length, low end")
+    t.add_argument("--max-len", type=int, default=0,
+                   help="sampled training history length, high end (0: off)")
+    t.add_argument("--dim", type=int, default=64, help="embedding and token width (default 64)")
+    t.add_argument("--heads", type=int, default=4)
+    t.add_argument("--layers", type=int, default=2)
+    t.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate of the dense weights")
+    t.add_argument("--store-embeddings", action="store_true",
+                   help="item and user rows in in-process store tables (Adagrad), in the checkpoints")
+    t.add_argument("--publish-every", type=float, default=60.0,
+                   help="seconds between checkpoints (0: at the end)")
+    t.add_argument("--max-batches", type=int, default=None, help="stop after this many training steps")
+    t.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--wheel", help="the recbole 1.2.1 wheel, if already downloaded ('movielens')")
+    t.add_argument("--no-progress", action="store_true", help="no progress bar")
+    t.set_defaults(func=_train)
 
     ps = sub.add_parser("ps", help="parameter server: serve a node, check a cluster spec, dump a replica",
                         description="'serve' runs one storage node of a cluster spec until SIGTERM/SIGINT; "

@@ -144,16 +144,21 @@ def test_sample_parquet_to_batches(tmp_path: Path) -> None:
     pq.write_table(pa.Table.from_batches([_samples(rng, 8)]), tmp_path / "part-1.parquet")
     got = list(sample_batches(parquet_samples([tmp_path], batch_rows=16), None, tasks=TASKS, max_targets=10))
     # 40 rows in record batches of 16, 16, 8, each cut to <= 10 rows; then the second file's 8
-    assert [b.num_targets for b in got] == [10, 6, 10, 6, 8, 8]
-    first = got[0]
+    assert [s.batch.num_targets for s in got] == [10, 6, 10, 6, 8, 8]
+    first = got[0].batch
     assert first.sample_index is not None
     want = rb.column("click").to_numpy()[:10][first.sample_index.numpy()]
     assert first.labels[:, 0].numpy().tolist() == want.astype(float).tolist()
+    # first emissions (kind 0, 1) are scored, corrections (2) only trained on
+    kinds = rb.column("kind").to_numpy()[:10][first.sample_index.numpy()]
+    assert got[0].scored is not None and got[0].scored.tolist() == (kinds < 2).tolist()
     kept = list(sample_batches([rb], None, tasks=TASKS, kinds=[0]))
-    assert sum(b.num_targets for b in kept) == int((rb.column("kind").to_numpy() == 0).sum())
+    assert sum(s.batch.num_targets for s in kept) == int((rb.column("kind").to_numpy() == 0).sum())
     trainer = Trainer(_ItemModel(), TrainConfig())
     report = train_stream(trainer, got)
     assert report.samples == 48 and not math.isnan(report.tasks["click"].logloss)
+    scored = sum(int(s.scored.sum()) for s in got if s.scored is not None)
+    assert report.tasks["click"].samples == scored < 48
 
 
 def test_config_is_checked() -> None:

@@ -10,6 +10,10 @@ Progressive validation: ``Trainer.step`` computes the batch's logits with the we
 were before the batch, records them against the batch's labels (``metrics.ProgressiveMetrics``),
 and only then takes the gradient step, so every figure is out-of-sample. With length sampling on,
 those logits are of the training window (the sampled history suffix), not of the full history.
+Each impression is scored once: samples the join re-emits for an impression already emitted
+(``kind`` 2, a correction after an eager positive, and 3, a late correction) are trained on but
+not scored, since the model has already learnt that very sample as a positive, and scoring the
+repeat would credit it with recognising it (on eager streams that inflates click AUC by ~0.15).
 
 The model protocol (``Ranker``): ``model(batch) -> logits (T, K)`` for the tasks
 ``model.config.tasks``, ``model.loss(batch, logits) -> scalar``, and torch's ``parameters`` and
@@ -40,20 +44,47 @@ from streamrec.model.movielens import LeaveOneOut, MovieLens, ranking_requests, 
 if TYPE_CHECKING:
     import pyarrow as pa
 
+    from streamrec.model._layers import ModelConfig, SequenceRanker
+    from streamrec.pipeline.runner import PipelineConfig, RunStats
     from streamrec.store.sequence import SequenceStore
     from streamrec.store.table import EmbeddingTable
 
 __all__ = [
+    "MODELS",
+    "SCORED_KINDS",
     "Ranker",
+    "Step",
     "StreamReport",
     "TrainConfig",
     "Trainer",
     "evaluate_ml100k",
+    "make_model",
     "parquet_samples",
+    "run_command",
     "sample_batches",
     "train_ml100k",
+    "train_online",
     "train_stream",
 ]
+
+
+SCORED_KINDS = (0, 1)  # a sample's first emission: final at close, or the eager positive
+
+
+@dataclass(frozen=True)
+class Step:
+    """One batch to train on, with what progressive validation and the latency need.
+
+    Attributes:
+        batch: the ``RequestBatch``.
+        scored: (T,) bool, the targets to score (first emissions), or None for all.
+        arrival_s: ``time.perf_counter()`` when the batch's samples arrived, or None (the loop
+            then takes the moment it receives the step).
+    """
+
+    batch: RequestBatch
+    scored: np.ndarray | None = None
+    arrival_s: float | None = None
 
 
 class Ranker(Protocol):
@@ -160,8 +191,12 @@ class Trainer:
         self.versions: list[int] = []
         self._last_publish = time.monotonic()
 
-    def step(self, batch: RequestBatch) -> float:
+    def step(self, batch: RequestBatch, scored: np.ndarray | None = None) -> float:
         """Score ``batch`` (recorded in ``metrics``), then take one optimisation step on it.
+
+        Args:
+            batch: the batch.
+            scored: (T,) bool, which targets to record in the metrics (None: all).
 
         Returns the batch's loss. Raises ValueError if the batch's tasks differ from the model's.
         """
@@ -172,7 +207,7 @@ class Trainer:
             batch = batch.sample_lengths(self._rng, c.min_len, c.max_len)
         self.model.train()
         logits = self.model(batch)
-        self._record(batch, logits.detach())
+        self._record(batch, logits.detach(), scored)
         loss = self.model.loss(batch, logits)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -188,14 +223,21 @@ class Trainer:
             self.publish()
         return self.last_loss
 
-    def _record(self, batch: RequestBatch, logits: torch.Tensor) -> None:
+    def _record(self, batch: RequestBatch, logits: torch.Tensor, scored: np.ndarray | None) -> None:
         users = batch.user_id[batch.target_request].numpy()
         labels = batch.labels.numpy()
         z = logits.float().numpy()
+        if scored is not None:
+            keep = np.asarray(scored, dtype=bool)
+            if keep.shape != (batch.num_targets,):
+                raise ValueError(f"scored: expected ({batch.num_targets},) bools, got shape {keep.shape}")
+            users, labels, z = users[keep], labels[keep], z[keep]
         self.metrics.update({t: labels[:, k] for k, t in enumerate(self.tasks)},
                             {t: z[:, k] for k, t in enumerate(self.tasks)}, users=users)
         if batch.truth is not None:
             truth = batch.truth.numpy().astype(np.float64)
+            if scored is not None:
+                truth = truth[keep]
             for k, t in enumerate(self.tasks):
                 ok = np.isfinite(truth[:, k])
                 if ok.any():
@@ -245,21 +287,34 @@ def parquet_samples(paths: Sequence[str | Path], batch_rows: int = 65_536) -> It
 
 def sample_batches(samples: Iterable[pa.RecordBatch], sequences: SequenceStore | None, *,
                    tasks: Sequence[str] = DEFAULT_TASKS, max_len: int = 10_000, max_targets: int = 4096,
-                   kinds: Sequence[int] | None = None) -> Iterator[RequestBatch]:
-    """``RequestBatch``es from sample record batches (``SAMPLE_SCHEMA`` plus features).
+                   kinds: Sequence[int] | None = None) -> Iterator[Step]:
+    """Training steps from sample record batches (``SAMPLE_SCHEMA`` plus features).
 
     Histories come from ``sequences`` (only events older than each request: ``from_samples``).
     A record batch is cut into slices of at most ``max_targets`` rows; ``kinds`` keeps only
     samples of those ``kind`` codes (None: all: eager positives, corrections and finals alike).
+    Each step's ``scored`` marks first emissions (``SCORED_KINDS``; all rows if there is no
+    ``kind`` column) and its ``arrival_s`` is when its record batch came out of ``samples``.
     """
     import pyarrow.compute as pc
 
-    for rb in samples:
+    it = iter(samples)
+    while True:
+        try:
+            rb = next(it)
+        except StopIteration:
+            return
+        arrived = time.perf_counter()
         if kinds is not None and rb.num_rows:
             rb = rb.filter(pc.is_in(rb.column("kind"), value_set=_pa_int8(kinds)))
         for lo in range(0, rb.num_rows, max_targets):
-            yield RequestBatch.from_samples(rb.slice(lo, max_targets), sequences, tasks=tasks,
-                                            max_len=max_len)
+            part = rb.slice(lo, max_targets)
+            batch = RequestBatch.from_samples(part, sequences, tasks=tasks, max_len=max_len)
+            scored = None
+            if "kind" in part.schema.names and batch.sample_index is not None:
+                first = np.isin(part.column("kind").to_numpy(zero_copy_only=False), SCORED_KINDS)
+                scored = first[batch.sample_index.numpy()]
+            yield Step(batch, scored, arrived)
 
 
 def _pa_int8(values: Sequence[int]) -> pa.Array:
@@ -292,16 +347,15 @@ class StreamReport:
     versions: list[int]
 
 
-def train_stream(trainer: Trainer, batches: Iterable[RequestBatch | tuple[float, RequestBatch]], *,
+def train_stream(trainer: Trainer, batches: Iterable[RequestBatch | Step], *,
                  progress: bool = False, max_batches: int | None = None,
                  on_step: Callable[[Trainer], None] | None = None) -> StreamReport:
     """Train on a stream of batches (online mode when the stream is the pipeline's subscription).
 
     Args:
         trainer: the ``Trainer``.
-        batches: ``RequestBatch``es, or ``(arrival_perf_counter_s, batch)`` pairs whose first item
-            is when the batch's newest event arrived (``time.perf_counter()``), for the
-            event-to-update latency.
+        batches: ``RequestBatch``es or ``Step``s (``sample_batches``); a step's ``arrival_s`` starts
+            its event-to-update latency (else the moment the loop receives it).
         progress: show a rich progress bar (samples, samples/s, running AUC per task).
         max_batches: stop after this many.
         on_step: called after each step (e.g. to stop a source, or log).
@@ -322,11 +376,9 @@ def train_stream(trainer: Trainer, batches: Iterable[RequestBatch | tuple[float,
                 item = next(it)
             except StopIteration:
                 break
-            if isinstance(item, tuple):
-                arrived, batch = item
-            else:
-                arrived, batch = time.perf_counter(), item
-            trainer.step(batch)
+            step = item if isinstance(item, Step) else Step(item)
+            arrived = step.arrival_s if step.arrival_s is not None else time.perf_counter()
+            trainer.step(step.batch, step.scored)
             lat.append(time.perf_counter() - arrived)
             if on_step is not None:
                 on_step(trainer)
@@ -382,3 +434,174 @@ def evaluate_ml100k(model: Ranker, data: MovieLens, split: LeaveOneOut, *, k: in
         scores[rows] = model(batch)[:, 0].float().numpy().reshape(rows.size, data.items.size)
     greater, ties = target_ranks(scores, data.item_index(split.target_item), split.exclude)
     return hr_ndcg_at_k(greater, ties, k)
+
+
+# -- models and online mode ------------------------------------------------------------------------
+
+MODELS = ("stca", "sasrec", "din", "mean", "popularity")
+
+
+def make_model(name: str, config: ModelConfig, *, store_embeddings: bool = False,
+               store_lr: float = 0.05) -> tuple[Ranker, dict[str, EmbeddingTable]]:
+    """A model by name (``MODELS``), and the in-process tables its sparse rows live in.
+
+    With ``store_embeddings`` the item and user rows are ``embedding.StoreEmbedding``s over
+    in-process ``EmbeddingTable``s (Adagrad, ``store_lr``), returned by name for checkpoints;
+    otherwise the rows are in-model hashed embeddings and the dict is empty.
+    """
+    from streamrec.model import baselines, stca
+
+    if name not in MODELS:
+        raise ValueError(f"model: expected one of {MODELS}, got {name!r}")
+    if name == "popularity":
+        return baselines.Popularity(config), {}
+    tables: dict[str, EmbeddingTable] = {}
+    kw: dict[str, Any] = {}
+    if store_embeddings:
+        from streamrec.model.embedding import StoreEmbedding
+        from streamrec.store.table import EmbeddingTable
+
+        tables = {"items": EmbeddingTable(dim=config.dim, optimizer="adagrad", huge_pages=False),
+                  "users": EmbeddingTable(dim=config.dim, optimizer="adagrad", huge_pages=False)}
+        kw = {"item_embedding": StoreEmbedding(tables["items"], lr=store_lr),
+              "user_embedding": StoreEmbedding(tables["users"], lr=store_lr)}
+    classes: dict[str, type[SequenceRanker]] = {
+        "stca": stca.STCA, "sasrec": baselines.SASRec, "din": baselines.DIN, "mean": baselines.MeanPool}
+    return classes[name](config, **kw), tables
+
+
+def train_online(pipeline: PipelineConfig, make: Callable[[RequestBatch], tuple[Ranker, Mapping[str, Any]]],
+                 config: TrainConfig | None = None, *, model_dir: str | Path | None = None,
+                 history_len: int = 10_000, progress: bool = False,
+                 max_batches: int | None = None) -> tuple[Trainer, StreamReport, RunStats]:
+    """Online mode: run the pipeline in a thread and train on its subscription as samples are emitted.
+
+    Args:
+        pipeline: the ``PipelineConfig`` (its output is rewritten: the run starts over).
+        make: builds ``(model, tables)`` from the first batch (whose feature columns fix the
+            model's input widths, e.g. ``ModelConfig(...).for_batch(batch)``).
+        config: ``TrainConfig``.
+        model_dir: publish checkpoints there.
+        history_len: newest history events read per request (before any training cut).
+        progress: the trainer's progress bar.
+        max_batches: stop training after this many steps (the pipeline runs to its end).
+
+    Returns ``(trainer, report, pipeline stats)``. Re-raises the pipeline's error if it failed.
+    """
+    import itertools
+    import threading
+
+    from streamrec.pipeline.runner import EmbeddedRunner
+
+    cfg = config or TrainConfig()
+    runner = EmbeddedRunner(pipeline, resume=False)
+    sub = runner.subscribe()
+    failed: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            runner.run()
+        except BaseException as exc:  # handed to the caller below
+            failed.append(exc)
+            # run() ends subscriptions only when it returns; without this the loop below waits forever
+            runner._close_subs()
+
+    thread = threading.Thread(target=run, name="pipeline", daemon=True)
+    thread.start()
+    features = runner.features.to_manifest() if runner.features is not None else {}
+    steps = sample_batches(sub, runner.join.sequences, max_len=history_len, max_targets=cfg.max_targets)
+    first = next(steps, None)
+    if first is None:
+        thread.join()
+        if failed:
+            raise failed[0]
+        raise ValueError("the pipeline emitted no samples")
+    model, tables = make(first.batch)
+    trainer = Trainer(model, cfg, model_dir=model_dir, tables=tables, features=features)
+    report = train_stream(trainer, itertools.chain([first], steps), progress=progress,
+                          max_batches=max_batches)
+    for _ in sub:  # drain, so a full subscription queue cannot block the pipeline's end
+        pass
+    thread.join()
+    if failed:
+        raise failed[0]
+    return trainer, report, runner.stats
+
+
+# -- the ``streamrec train`` command ---------------------------------------------------------------
+
+
+def run_command(args: Any) -> int:
+    """``streamrec train SOURCE``: the CLI's arguments (``cli.build_parser``) to a run; prints a summary."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from streamrec.model._layers import ModelConfig
+
+    torch.set_num_threads(args.threads)
+    console = Console()
+    tcfg = TrainConfig(lr=args.lr, min_len=args.min_len, max_len=args.max_len, seed=args.seed,
+                       publish_every_s=args.publish_every)
+    base = ModelConfig(dim=args.dim, heads=args.heads, layers=args.layers)
+
+    def build(batch: RequestBatch) -> tuple[Ranker, dict[str, EmbeddingTable]]:
+        return make_model(args.model, base.for_batch(batch), store_embeddings=args.store_embeddings)
+
+    progress = not args.no_progress and console.is_terminal
+    if args.source == "movielens":
+        from streamrec.model.movielens import TASKS, leave_one_out, load_ml100k
+
+        data = load_ml100k(args.wheel)
+        split = leave_one_out(data)
+        model, tables = make_model(args.model, dataclasses.replace(base, tasks=TASKS),
+                                   store_embeddings=args.store_embeddings)
+        trainer = Trainer(model, tcfg, model_dir=args.model_dir, tables=tables,
+                          features={"dataset": "ml-100k"})
+        report = train_ml100k(trainer, data, split, epochs=args.epochs, negatives=args.negatives,
+                              max_len=args.history, progress=progress)
+        hr, ndcg = evaluate_ml100k(model, data, split, k=10, max_len=args.history)
+        console.print(f"ml-100k {args.model}: HR@10 {hr:.4f}  NDCG@10 {ndcg:.4f}  ({split.users.size} users, "
+                      f"{data.items.size} items ranked each; {report.samples:,} training samples)")
+    elif args.source == "samples":
+        from streamrec.store.sequence import SequenceStore
+
+        seqs = SequenceStore.open(args.sequences) if args.sequences else None
+        steps = sample_batches(parquet_samples(args.paths), seqs, max_len=args.history,
+                               max_targets=tcfg.max_targets)
+        first = next(steps, None)
+        if first is None:
+            console.print("no samples")
+            return 1
+        model, tables = build(first.batch)
+        trainer = Trainer(model, tcfg, model_dir=args.model_dir, tables=tables)
+        import itertools
+
+        report = train_stream(trainer, itertools.chain([first], steps), progress=progress,
+                              max_batches=args.max_batches)
+    else:
+        from streamrec.pipeline.runner import PipelineConfig, load_pipeline_config
+
+        pcfg = (load_pipeline_config(args.pipeline, progress=False) if args.pipeline
+                else PipelineConfig(features="default", progress=False))
+        if args.events:
+            pcfg = dataclasses.replace(pcfg, events=args.events)
+        trainer, report, stats = train_online(pcfg, build, tcfg, model_dir=args.model_dir,
+                                              history_len=args.history, progress=progress,
+                                              max_batches=args.max_batches)
+        console.print(f"pipeline: {stats.events:,} events, {stats.samples:,} samples in "
+                      f"{stats.seconds:.1f} s")
+    if args.source != "movielens":
+        table = Table("task", "AUC", "best AUC", "GAUC", "logloss", "samples scored")
+        for t, s in report.tasks.items():
+            b = report.best[t]
+            table.add_row(t, f"{s.auc:.4f}", "-" if math.isnan(b.auc) else f"{b.auc:.4f}", f"{s.gauc:.4f}",
+                          f"{s.logloss:.4f}", f"{s.samples:,}")
+        console.print(table)
+        lat = report.update_latency_s
+        if lat.size:
+            console.print(f"{report.samples:,} samples in {report.seconds:.1f} s "
+                          f"({report.samples_per_s:,.0f}/s); batch arrival to update p50 "
+                          f"{np.percentile(lat, 50):.3f} s, p99 {np.percentile(lat, 99):.3f} s")
+    if report.versions:
+        console.print(f"published versions {report.versions} into {args.model_dir}")
+    return 0
