@@ -12,7 +12,7 @@ from torch import nn
 from streamrec.model.baselines import DIN, MeanPool, Popularity, SASRec
 from streamrec.model.batch import RequestBatch
 from streamrec.model.stca import ModelConfig
-from tests.model.test_stca import LENS, TARGETS, make_batch
+from tests.model.test_stca import LENS, TARGETS, fit_category_task, make_batch
 
 torch.set_num_threads(1)
 
@@ -99,3 +99,12 @@ def test_popularity_scores_the_past_then_counts_the_batch() -> None:
     before = model.counts.clone()  # type: ignore[operator]
     model(b)
     assert torch.equal(model.counts, before)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(("cls", "floor"), [(MeanPool, 0.8), (DIN, 0.9), (SASRec, 0.8)],
+                         ids=["MeanPool", "DIN", "SASRec"])
+def test_sequence_baselines_learn_to_match_targets_against_the_history(cls: type[nn.Module],
+                                                                       floor: float) -> None:
+    torch.manual_seed(0)
+    cfg = ModelConfig(dim=16, heads=2, tasks=("click",), item_buckets=256, user_buckets=0, mlp=(32,))
+    assert fit_category_task(cls(cfg), steps=250) > floor

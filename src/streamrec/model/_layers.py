@@ -223,8 +223,11 @@ class SequenceRanker(nn.Module):
         if self.window is not None and bool((batch.hist_lengths > self.window).any()):
             batch = batch.truncate(self.window)
         tokens, target = self.embed(batch)
-        parts = [self.interest(batch, tokens, target), target, *self.features(batch)]
-        return self.head(torch.cat(parts, dim=1))
+        return self.score(batch, self.interest(batch, tokens, target), target)
+
+    def score(self, batch: RequestBatch, interest: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """Logits (T, K) from the interest (T, I) and target vectors (T, D): the MLP and its task heads."""
+        return self.head(torch.cat([interest, target, *self.features(batch)], dim=1))
 
     def embed(self, batch: RequestBatch) -> tuple[torch.Tensor, torch.Tensor]:
         """History tokens (N, D) and target vectors (T, D), from one item lookup."""

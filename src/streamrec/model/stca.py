@@ -14,8 +14,11 @@ The model, per layer l = 1..L:
 - a query per target, ``q_l = W_q,l [target, o_1, ..., o_{l-1}]`` (the "highway": the
   target fused with every earlier layer's output), attends over ``H_l`` with H heads, one
   1 x L score row per head: ``o_l = W_o,l Attn(q_l, W_k,l H_l, W_v,l H_l)``;
-- the interest vector is ``[o_1, ..., o_L]``; the MLP sees it with the target, user and
-  feature vectors and has one output per task.
+- the interest vector is ``[o_1, ..., o_L, o_1 * target, ..., o_L * target]`` (the products
+  let the MLP compare what the target found with the target itself: without them a
+  synthetic "does the history share the target's category" task stayed at AUC 0.60 after
+  400 steps, with them 0.98); the MLP sees it with the target, user and feature vectors
+  and has one output per task.
 
 Attention cost is linear in L: per request, m targets x L tokens x D.
 
@@ -151,20 +154,40 @@ class STCA(SequenceRanker):
         super().__init__(config, item_embedding, user_embedding)
         d = config.dim
         self.layers = nn.ModuleList(_Layer(config, d * (1 + i)) for i in range(config.layers))
-        self.head = self._mlp(d * config.layers)
+        self.head = self._mlp(2 * d * config.layers)
 
     def interest(self, batch: RequestBatch, tokens: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        c = self.config
-        h = c.heads
-        e = c.dim // h
-        outs: list[torch.Tensor] = []
+        return self.attend(self.history_kv(tokens), target, batch.hist_offsets, batch.target_offsets)
+
+    def history_kv(self, tokens: torch.Tensor) -> list[torch.Tensor]:
+        """The request side: per layer, keys then values of every history token, (N, 2D) each.
+
+        Done once per request whatever its number of targets. A token's rows depend
+        only on its own event and the request time (through the time-since-action
+        bucket), so a server may cache them per event and recompute only tokens
+        whose bucket moved.
+        """
+        out: list[torch.Tensor] = []
         x = tokens
         layer: _Layer
         for layer in self.layers:  # type: ignore[assignment]
-            x = layer.norm(x + layer.ffn(x))  # once per request's token, shared by its targets
-            kv = layer.kv(x)
+            x = layer.norm(x + layer.ffn(x))
+            out.append(layer.kv(x))
+        return out
+
+    def attend(self, kvs: list[torch.Tensor], target: torch.Tensor, hist_offsets: torch.Tensor,
+               target_offsets: torch.Tensor) -> torch.Tensor:
+        """The target side: (T, I) interest per target from ``history_kv``'s rows and target vectors (T, D).
+
+        ``hist_offsets`` delimit each request's rows in ``kvs``; ``target_offsets`` its targets.
+        """
+        c = self.config
+        h, e = c.heads, c.dim // c.heads
+        outs: list[torch.Tensor] = []
+        layer: _Layer
+        for layer, kv in zip(self.layers, kvs, strict=True):  # type: ignore[assignment]
             k, v = kv.view(-1, 2, h, e).unbind(1)
             q = layer.q(torch.cat([target, *outs], dim=1)).view(-1, h, e)
-            att = ragged_target_attention(q, k, v, batch.hist_offsets, batch.target_offsets, c.attn_chunk)
+            att = ragged_target_attention(q, k, v, hist_offsets, target_offsets, c.attn_chunk)
             outs.append(layer.o(att.reshape(-1, c.dim)))
-        return torch.cat(outs, dim=1)
+        return torch.cat([*outs, *(o * target for o in outs)], dim=1)
