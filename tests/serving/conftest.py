@@ -3,6 +3,8 @@ direct model call a server's answer must equal."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import pytest
 import torch
@@ -18,10 +20,11 @@ TASKS = ("click", "like", "finish")
 
 
 def small_config(**kw: object) -> ModelConfig:
-    base = {"dim": 16, "heads": 2, "layers": 2, "mlp": (32,), "item_buckets": 1 << 12, "user_buckets": 1 << 8,
-            "sparse_buckets": 1 << 10, "category_buckets": 64, "sparse_features": 3, "attn_chunk": 16}
+    base: dict[str, Any] = {"dim": 16, "heads": 2, "layers": 2, "mlp": (32,), "item_buckets": 1 << 12,
+                            "user_buckets": 1 << 8, "sparse_buckets": 1 << 10, "category_buckets": 64,
+                            "sparse_features": 3, "attn_chunk": 16}
     base.update(kw)
-    return ModelConfig(**base)  # type: ignore[arg-type]
+    return ModelConfig(**base)
 
 
 def small_model(seed: int = 0, **kw: object) -> STCA:

@@ -13,6 +13,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from streamrec.model.batch import RequestBatch
+from streamrec.model.stca import STCA
 from streamrec.serving.cache import HistoryCache
 from streamrec.serving.executor import Encoded, ModelRunner
 from tests.serving.conftest import NOW_MS, small_model
@@ -54,12 +55,11 @@ def test_split_and_refresh_equal_the_model() -> None:
 
 
 def test_a_model_the_split_does_not_reproduce_runs_whole() -> None:
-    model = small_model()
-
-    class Changed(type(model)):  # type: ignore[misc]
-        def interest(self, batch, tokens, target):  # type: ignore[no-untyped-def]
+    class Changed(STCA):
+        def interest(self, batch: RequestBatch, tokens: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
             return super().interest(batch, tokens, target) * 2
 
+    model = small_model()
     model.__class__ = Changed
     assert not ModelRunner(model, 1).split
 

@@ -7,6 +7,7 @@ import asyncio
 import dataclasses
 import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import httpx
@@ -15,6 +16,7 @@ import torch
 
 from streamrec.model.batch import RequestBatch
 from streamrec.model.checkpoint import publish
+from streamrec.model.stca import STCA
 from streamrec.pipeline.features import Stores
 from streamrec.serving import ModelRunner, ServeConfig, Server
 from streamrec.serving.executor import Encoded
@@ -27,7 +29,7 @@ class SlowRunner(ModelRunner):
 
     delay_s = 0.03
 
-    def score(self, batch: RequestBatch, encoded: list[Encoded] | None = None) -> torch.Tensor:  # type: ignore[override]
+    def score(self, batch: RequestBatch, encoded: Sequence[Encoded] | None = None) -> torch.Tensor:
         time.sleep(self.delay_s)
         return super().score(batch, encoded)
 
@@ -89,10 +91,9 @@ def test_split_and_packed_requests_score_as_alone(store: SequenceStore) -> None:
                                    rtol=1e-4, atol=1e-6)
 
 
-def _publish(model_dir: Path, model: torch.nn.Module) -> int:
-    cfg = model.config  # type: ignore[attr-defined]
-    return publish(model_dir, model.state_dict(), model_config={"class": "STCA", **dataclasses.asdict(cfg)},
-                   fsync=False)
+def _publish(model_dir: Path, model: STCA) -> int:
+    return publish(model_dir, model.state_dict(), fsync=False,
+                   model_config={"class": "STCA", **dataclasses.asdict(model.config)})
 
 
 def test_model_swap_under_load_fails_no_request(tmp_path: Path, store: SequenceStore) -> None:
