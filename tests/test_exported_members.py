@@ -74,6 +74,8 @@ EXPECTED = {
     ],
     "streamrec.transport": ["Connection", "Endpoint", "Flag", "Frame", "Kind", "Status"],
     "streamrec.ps": ["PSClient", "StorageServer"],
+    "streamrec.model": ["DIN", "MeanPool", "ModelConfig", "Popularity", "RequestBatch", "SASRec", "STCA",
+                        "StoreEmbedding"],
     "streamrec.serving": ["ModelRunner", "RankRequest", "ServeConfig", "Server", "VersionWatcher"],
     "streamrec.store": [
         "EmbeddingTable",
