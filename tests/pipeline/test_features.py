@@ -364,3 +364,22 @@ def test_definitions_are_checked() -> None:
         WindowCount("w", key="user_id", event="purchase")
     with pytest.raises(ConfigError, match="two or more"):
         Cross("c", columns=("user_id",))
+    with pytest.raises(ConfigError, match="only Bucketize and Function"):
+        FeatureSet([HashedId("a", column="b"), HashedId("b", column="user_id")])
+    with pytest.raises(ConfigError, match="only Bucketize and Function"):
+        FeatureSet([Sequence("h"), Function("f", fn="numpy:log1p", args=("h_item",))])
+
+
+def test_features_of_features() -> None:
+    """Bucketize and Function read earlier features: bucketed counts, a log of a count."""
+    fs = FeatureSet([WindowCount("c", key="user_id", event="click", window_ms=60_000, bucket_ms=1000),
+                     Bucketize("c_b", column="c", boundaries=(1, 3)),
+                     Function("c_log", fn="numpy:log1p", args=("c",))])
+    assert fs.inputs == ("user_id", "ts_ms")
+    stores = fs.make_stores()
+    stores.observe(None, batch(user_id=[1, 1, 1, 2], ts_ms=[T0, T0 + 1, T0 + 2, T0],
+                               action=pa.array([CLICK] * 4, pa.int8())))
+    out = fs.transform(batch(user_id=[1, 2, 3], ts_ms=[T0 + 5000] * 3), stores)
+    assert out.column("c").to_pylist() == [3.0, 1.0, 0.0]
+    assert out.column("c_b").to_pylist() == [2, 1, 0]
+    assert out.column("c_log").to_pylist() == pytest.approx(np.log1p([3.0, 1.0, 0.0]).tolist())

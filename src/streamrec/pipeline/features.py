@@ -551,7 +551,8 @@ class FeatureSet:
 
     Args:
         features: the features, in output order. A ``Ratio`` names features
-            declared before it.
+            declared before it; ``Bucketize`` and ``Function`` may read them too
+            (bucketed counts, a log of a count).
         name: recorded in the manifest and the schema's metadata.
         horizon_ms: how far behind the newest event counter reads stay exact
             (``CounterSpec.horizon_ms``): at least the join's label window plus
@@ -586,6 +587,14 @@ class FeatureSet:
         for f in self.features:
             if not isinstance(f, Feature) or type(f) not in _KINDS.values():
                 raise ConfigError(f"expected a feature, got {f!r}", field="feature_set.features")
+        later = {fld.name for f in self.features for fld in f.output_fields()}
+        for f in self.features:
+            for c in f.inputs:
+                # Bucketize and Function may read an earlier feature's values (bucketed counts ...).
+                if c in later and not (isinstance(f, (Bucketize, Function)) and c in seen
+                                       and not isinstance(seen[c], Sequence)):
+                    raise ConfigError(f"input {c!r} is a feature: only Bucketize and Function read "
+                                      "features, scalar ones declared before them", field=f"{f.name}")
             if isinstance(f, Ratio):
                 for dep in (f.numerator, f.denominator):
                     if dep not in seen or seen[dep].output_fields()[0].type != pa.float32():
@@ -741,7 +750,8 @@ class FeatureSet:
                 x = cols.ints(f.column, f.name)
                 v = np.where((x >= 0) & (x < f.size), x, f.size)
             elif isinstance(f, Bucketize):
-                v = np.searchsorted(np.array(f.boundaries), cols.numbers(f.column, f.name), side="right")
+                x = done[f.column] if f.column in done else cols.numbers(f.column, f.name)
+                v = np.searchsorted(np.array(f.boundaries), x, side="right")
                 v = v.astype(np.int64, copy=False)
             elif isinstance(f, TimePart):
                 t = cols.ids(f.column, f.name) + f.utc_offset_min * 60_000
@@ -774,8 +784,8 @@ class FeatureSet:
                 continue
             else:
                 assert isinstance(f, Function)
-                v = self._call(f, [cols.numbers(c, f.name) if cols.is_float(c) else cols.ints(c, f.name)
-                                   for c in f.args], b)
+                v = self._call(f, [done[c] if c in done else cols.numbers(c, f.name) if cols.is_float(c)
+                                   else cols.ints(c, f.name) for c in f.args], b)
             done[f.name] = v
             out.append(pa.array(v))
         return out
