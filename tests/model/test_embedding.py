@@ -167,3 +167,22 @@ def test_stca_with_store_rows_steps_them_once_per_backward() -> None:
     # Adagrad: after one step each accumulator is the squared gradient, so w moved by lr * sign(g).
     assert (first[:, 16:] > 0).any()
     assert all(p.grad is not None for n, p in model.named_parameters() if not n.startswith("item_embedding"))
+
+
+def test_admission_filter_of_the_table_applies() -> None:
+    """With ``admit_after=2`` an id gets a row at its second sighting; before that it reads the
+    initializer's values and its gradient is dropped (the store skips absent keys)."""
+    table = EmbeddingTable(dim=DIM, optimizer="adagrad", initializer=INIT, huge_pages=False, admit_after=2)
+    bridge = StoreEmbedding(table, lr=0.1)
+    ids = torch.from_numpy(VOCAB[:3])
+    first = bridge(ids)
+    first.sum().backward()
+    assert len(table) == 0 and table.stats().not_admitted == 3
+    init = _table(None).find_or_insert(VOCAB[:3].astype(np.uint64))
+    torch.testing.assert_close(first, torch.from_numpy(init))
+    second = bridge(ids)
+    torch.testing.assert_close(second, first)  # admitted now, with the initializer's row, not yet stepped
+    second.sum().backward()
+    assert len(table) == 3
+    stepped, _ = table.find(VOCAB[:3].astype(np.uint64))
+    assert (np.abs(stepped - first.detach().numpy()) > 0.05).all()  # Adagrad's first step moves by ~lr
