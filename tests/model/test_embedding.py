@@ -22,11 +22,11 @@ VOCAB = np.arange(40, dtype=np.int64) * 1_000_003 + 7  # sparse ids, far apart
 INIT = Initializer(kind="normal", std=0.1, seed=3)
 
 
-def _table(optimizer: object) -> EmbeddingTable:
-    return EmbeddingTable(dim=DIM, optimizer=optimizer, initializer=INIT, huge_pages=False)  # type: ignore[arg-type]
+def _table(optimizer: Adagrad | Adam | None) -> EmbeddingTable:
+    return EmbeddingTable(dim=DIM, optimizer=optimizer, initializer=INIT, huge_pages=False)
 
 
-def _dense_twin(optimizer: object, lr: float) -> tuple[nn.Embedding, torch.optim.Optimizer]:
+def _dense_twin(optimizer: Adagrad | Adam | None, lr: float) -> tuple[nn.Embedding, torch.optim.Optimizer]:
     # The initializer is a function of the key, so a second table gives the rows the bridge will create.
     init = _table(None).find_or_insert(VOCAB.astype(np.uint64))
     dense = nn.Embedding(VOCAB.size, DIM)
@@ -47,7 +47,7 @@ def _loss(rows: torch.Tensor, w: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return ((torch.tanh(rows @ w) - y) ** 2).sum()
 
 
-def _run(optimizer: object, *, every_row: bool, steps: int = 6, lr: float = 0.05) -> None:
+def _run(optimizer: Adagrad | Adam | None, *, every_row: bool, steps: int = 6, lr: float = 0.05) -> None:
     rng = np.random.default_rng(0)
     table = _table(optimizer)
     bridge = StoreEmbedding(table, lr=lr)

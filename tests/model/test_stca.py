@@ -29,10 +29,10 @@ def make_batch(rng: np.random.Generator, lens: list[int], targets: list[int], *,
         labels=rng.integers(0, 2, (t, 3)))
 
 
-def _model(batch: RequestBatch, seed: int = 0, **kw: object) -> STCA:
+def _model(batch: RequestBatch, seed: int = 0, attn_chunk: int = 64) -> STCA:
     torch.manual_seed(seed)
     cfg = ModelConfig(dim=16, heads=2, item_buckets=1024, user_buckets=64, sparse_buckets=256,
-                      mlp=(32,), **kw).for_batch(batch)  # type: ignore[arg-type]
+                      mlp=(32,), attn_chunk=attn_chunk).for_batch(batch)
     return STCA(cfg).double()
 
 
