@@ -11,6 +11,8 @@ Subcommands:
                                     ``bench ps_ab --base REV`` compares the TCP path with REV);
                                     arguments after ``--`` go to the benchmark as they are
     config defaults | check FILE    the table config format with every default; check a file
+    serve --model-dir DIR [--config serve.toml]
+                                    the ranking server (Open Inference Protocol v2 and /rank)
     generate --out DIR [--events N] generated traffic (impressions, actions, catalog) as rolling files
     ps serve --config F --node N    run one storage node of a cluster spec
     ps check FILE                   validate a cluster spec and print its placement
@@ -223,6 +225,17 @@ def _pipeline(args: argparse.Namespace) -> int:
     return 0
 
 
+def _serve(args: argparse.Namespace) -> int:
+    from streamrec.serving import ServeConfig
+    from streamrec.serving.server import serve
+
+    overrides = {k: v for k, v in (("host", args.host), ("port", args.port), ("executor", args.executor))
+                 if v is not None}
+    cfg = ServeConfig.from_toml(args.config, **overrides) if args.config else ServeConfig.from_dict(overrides)
+    serve(args.model_dir, cfg, sequences=args.sequences, counters=args.counters)
+    return 0
+
+
 def _demo(args: argparse.Namespace) -> int:
     from streamrec.demo import run_demo
 
@@ -357,6 +370,22 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--wheel", help="the recbole 1.2.1 wheel, if already downloaded ('movielens')")
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
     t.set_defaults(func=_train)
+
+    sv = sub.add_parser("serve", help="the ranking server (Open Inference Protocol v2, /rank, /metrics)",
+                        description="Serve the model the trainer publishes into --model-dir (its CURRENT is "
+                        "watched; new versions swap in between batches) over the Open Inference Protocol v2 "
+                        "REST API (tritonclient.http works), POST /rank and Prometheus /metrics. Binds "
+                        "127.0.0.1 unless told otherwise. [serve] fields of --config: see "
+                        "streamrec.serving.ServeConfig.")
+    sv.add_argument("--model-dir", required=True, help="the trainer's model directory")
+    sv.add_argument("--config", help="TOML file with a [serve] table (ServeConfig fields)")
+    sv.add_argument("--host", help="address to bind (default 127.0.0.1)")
+    sv.add_argument("--port", type=int, help="port (default 8000)")
+    sv.add_argument("--executor", choices=["auto", "eager", "compile"],
+                    help="model execution (default eager)")
+    sv.add_argument("--sequences", help="a SequenceStore snapshot to read user histories from")
+    sv.add_argument("--counters", help="the feature set's counter snapshots (Stores.snapshot_counters)")
+    sv.set_defaults(func=_serve)
 
     ps = sub.add_parser("ps", help="parameter server: serve a node, check a cluster spec, dump a replica",
                         description="'serve' runs one storage node of a cluster spec until SIGTERM/SIGINT; "

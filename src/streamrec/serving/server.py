@@ -16,12 +16,15 @@ Thread safety: one thread calls ``start``/``stop``/``run``.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
+import signal
 import socket
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +43,7 @@ from streamrec.serving.orchestrator import Orchestrator
 from streamrec.serving.preprocess import Preprocessor, feature_columns
 from streamrec.serving.versions import ModelSlot, VersionWatcher, embedding_caches, runner_from_checkpoint
 
-__all__ = ["Server"]
+__all__ = ["Server", "serve"]
 
 log = logging.getLogger("streamrec.serving")
 
@@ -49,6 +52,24 @@ def _compile_available() -> bool:
     from shutil import which
 
     return which(os.environ.get("CXX", "g++")) is not None
+
+
+class _Foreground(uvicorn.Server):
+    """uvicorn's server, minus re-raising SIGINT/SIGTERM after its graceful shutdown (it does so to
+    end the process with the default handler): ``run`` returns, so the orchestrator and the
+    watcher stop too and ``streamrec serve`` exits 0."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        previous = {sig: signal.signal(sig, self.handle_exit) for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
 
 
 class Server:
@@ -202,7 +223,7 @@ class Server:
         if self.watcher is not None:
             self.watcher.start()
         try:
-            uvicorn.Server(self._uvicorn_config()).run()
+            _Foreground(self._uvicorn_config()).run()
         finally:
             self.orchestrator.close()
             if self.watcher is not None:
@@ -214,3 +235,36 @@ class Server:
     def __exit__(self, *exc: Any) -> None:
         self.stop()
 
+
+
+def serve(model_dir: str | os.PathLike[str], config: ServeConfig, *,
+          sequences: str | os.PathLike[str] | None = None,
+          counters: str | os.PathLike[str] | None = None) -> None:
+    """``streamrec serve``: serve ``model_dir`` in the foreground until SIGINT/SIGTERM.
+
+    Args:
+        model_dir: the trainer's model directory (watched for new versions).
+        config: the server's config.
+        sequences: a ``SequenceStore`` snapshot to read histories from (None: every history empty).
+        counters: ``Stores.snapshot_counters`` output for the feature set's windowed counts
+            (None: zeros).
+
+    Raises:
+        CheckpointError: nothing servable in ``model_dir``.
+    """
+    from streamrec.model.checkpoint import load_current
+    from streamrec.store import SequenceStore
+
+    raw = load_current(model_dir, tables=False).manifest.get("features") or {}
+    fs = FeatureSet.from_manifest(raw) if raw.get("format") else None
+    seq = SequenceStore.open(sequences) if sequences is not None else None
+    if fs is None:
+        stores = Stores(sequences=seq)
+    elif counters is not None:
+        stores = fs.open_stores(counters, sequences=seq)
+    else:
+        stores = fs.make_stores(sequences=seq)
+    server = Server(config, model_dir=model_dir, features=fs, stores=stores)
+    log.warning("serving %s on %s (version %s)", model_dir, server.url,
+                server.slot.runner.version if server.slot.runner else None)
+    server.run()
