@@ -32,8 +32,9 @@ def test_streamrec_serve_process(tmp_path: Path) -> None:
     (tmp_path / "serve.toml").write_text("[serve]\nmax_candidates = 50\nmodel_name = \"ranker\"\n")
     port = _free_port()
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2] / "src")}
-    proc = subprocess.Popen([sys.executable, "-m", "streamrec.cli", "serve", "--model-dir", str(tmp_path / "m"),
-                             "--config", str(tmp_path / "serve.toml"), "--port", str(port)],
+    argv = ["serve", "--model-dir", str(tmp_path / "m"), "--config", str(tmp_path / "serve.toml"),
+            "--port", str(port)]
+    proc = subprocess.Popen([sys.executable, "-m", "streamrec.cli", *argv],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         url = f"http://127.0.0.1:{port}"
