@@ -29,7 +29,7 @@ def _run(tmp: Path, policy: str, model_dir: Path | None = None) -> StreamReport:
     pcfg = PipelineConfig(events=30_000, generator=_GEN, features="default", output=str(tmp / "samples"),
                           join=JoinConfig(window_s=30, policy=policy, huge_pages=False, capacity=4096),
                           batch_ms=1000, progress=False)
-    trainer, report, stats = train_online(
+    _, report, stats = train_online(
         pcfg, lambda b: make_model("stca", _MODEL.for_batch(b)),
         TrainConfig(lr=0.02, window=5000, max_targets=128, publish_every_s=0, seed=0),
         model_dir=model_dir, history_len=200)
