@@ -121,10 +121,10 @@ class PythonFeatures:
         f = self.f
         out: dict[str, Any] = {}
         for name in ("user_hash", "item_hash"):
-            h = f[name]
-            assert isinstance(h, HashedId)
-            k0, k1 = hash_key_of_seed(h.seed)
-            out[name] = siphash13(r[h.column], k0, k1) % h.buckets
+            hid = f[name]
+            assert isinstance(hid, HashedId)
+            k0, k1 = hash_key_of_seed(hid.seed)
+            out[name] = siphash13(r[hid.column], k0, k1) % hid.buckets
         for name in ("category_id", "device_id", "hour_id"):
             c = f[name]
             assert isinstance(c, Categorical)
