@@ -133,3 +133,26 @@ def test_from_samples_refuses_a_request_of_two_users() -> None:
             dict(request_id=5, user_id=2, item_id=2, ts_ms=1)]
     with pytest.raises(ValueError, match="request 5"):
         RequestBatch.from_samples(_samples(rows), None)
+
+
+def test_from_samples_keeps_only_events_that_had_arrived_when_served() -> None:
+    """A like of t=12 that arrived after the request of t=20 (a delayed action) is not in its history
+    when the sample says the user's sequence held 3 events at serving time."""
+    store = SequenceStore(max_len=100, extra_fields=("value",), huge_pages=False)
+    # arrival order: events of t=10, 11, 13 (held 3 when request 5 is served at t=20), then the
+    # delayed like of t=12, then an event of t=25.
+    store.append(np.ones(5, np.int64), items=[10, 11, 13, 12, 25], actions=[1, 1, 1, 2, 1],
+                 timestamps=[10, 11, 13, 12, 25], extras={"value": np.zeros(5)})
+    rows = [dict(request_id=5, user_id=1, item_id=100, ts_ms=20, click=1),
+            dict(request_id=6, user_id=1, item_id=101, ts_ms=30)]
+    batch = _samples(rows)
+    with_len = batch.append_column("hist_len", pa.array([3, 5], type=pa.int32()))
+    assert _runs(RequestBatch.from_samples(batch, store)) == [[10, 11, 13, 12], [10, 11, 13, 12, 25]]
+    b = RequestBatch.from_samples(with_len, store)
+    assert _runs(b) == [[10, 11, 13], [10, 11, 13, 12, 25]]
+    assert b.sparse.shape[1] == 4  # hist_len is not a feature
+    # A user whose sequence reached max_len may have dropped events: the event-time rule alone.
+    small = SequenceStore(max_len=4, extra_fields=("value",), huge_pages=False)
+    small.append(np.ones(5, np.int64), items=[10, 11, 13, 12, 25], actions=[1, 1, 1, 2, 1],
+                 timestamps=[10, 11, 13, 12, 25], extras={"value": np.zeros(5)})
+    assert _runs(RequestBatch.from_samples(with_len, small)) == [[11, 13, 12], [11, 13, 12, 25]]

@@ -12,7 +12,10 @@ know any model.
 Leakage rule: a history holds only events strictly older than its request
 (``ts_ms < request_ts_ms``); ``from_samples`` drops the rest, so a label's own
 action, already in the sequence store when the sample is emitted, never leaks
-into the features.
+into the features. With an arrival count per impression (``arrived_column``)
+it also drops older events that arrived after the request (a delayed like),
+which otherwise tell an early-emitted positive from a negative emitted at the
+window close (notes/train-findings.md).
 
 Thread safety: a ``RequestBatch`` is a value; its methods return new batches and
 never change the receiver. Share one across threads only read-only.
@@ -224,7 +227,7 @@ class RequestBatch:
     def from_samples(cls, samples: pa.RecordBatch | pa.Table, sequences: SequenceStore | None, *,
                      tasks: Sequence[str] = DEFAULT_TASKS, max_len: int = 10_000,
                      dense_columns: Sequence[str] | None = None, sparse_columns: Sequence[str] | None = None,
-                     value_field: str | None = "value") -> RequestBatch:
+                     value_field: str | None = "value", arrived_column: str = "hist_len") -> RequestBatch:
         """A batch from the pipeline's samples (``SAMPLE_SCHEMA`` plus feature columns).
 
         Rows are grouped by ``request_id`` (targets ordered by request id, rows of
@@ -246,6 +249,14 @@ class RequestBatch:
             sparse_columns: categorical columns; default ``device``, ``hour``,
                 ``position`` and every integer column not part of ``SAMPLE_SCHEMA``.
             value_field: the store's extra field for ``hist_value`` (None: zeros).
+            arrived_column: when the samples have this integer column, it holds, per
+                impression, how many events the user's sequence held when the
+                impression was served; the history is then also cut to those
+                first events (append order is arrival order), so a sample emitted
+                late (at the window close) sees no action that arrived after its
+                request, exactly as serving did. Exact while the user's sequence
+                holds fewer than the store's ``max_len`` events (nothing dropped);
+                a user at ``max_len`` falls back to the event-time rule alone.
 
         Raises:
             ValueError: a missing column, or a request whose rows name several users.
@@ -264,7 +275,8 @@ class RequestBatch:
 
         scalar = {n for n in names if pa.types.is_integer(samples.schema.field(n).type)
                   or pa.types.is_floating(samples.schema.field(n).type)}
-        extra = [n for n in names if n in scalar and n not in _NOT_FEATURES and n not in _CONTEXT]
+        extra = [n for n in names if n in scalar and n not in _NOT_FEATURES and n not in _CONTEXT
+                 and n != arrived_column]
         if dense_columns is None:
             dense_columns = [n for n in extra if pa.types.is_floating(samples.schema.field(n).type)]
         if sparse_columns is None:
@@ -289,6 +301,11 @@ class RequestBatch:
             off, seq = sequences.read(users.astype(np.uint64))
             owner = np.repeat(np.arange(users.size), np.diff(off))
             keep = seq["timestamp"] < req_ts[owner]
+            if arrived_column in cols:
+                arrived = np.minimum.reduceat(col(arrived_column).astype(np.int64)[order], starts)
+                exact = np.diff(off) < sequences.max_len
+                nth = np.arange(owner.size) - off[:-1][owner]
+                keep &= ~exact[owner] | (nth < arrived[owner])
             held = np.bincount(owner[keep], minlength=users.size).astype(np.int64)
             flat = np.flatnonzero(keep)
             held_off = np.r_[0, np.cumsum(held)].astype(np.int64)
