@@ -110,6 +110,7 @@ class Orchestrator:
         self.pending_candidates = 0
         self.pending_requests = 0
         self.batches = 0
+        self.answered = 0
         self._lock = threading.Lock()
         self._closed = False
         self._ready: queue.Queue[_Work | None] = queue.Queue()
@@ -315,8 +316,9 @@ class Orchestrator:
                 at += p.size
                 with self._lock:
                     w.remaining -= 1
-                    last = w.remaining == 0
-                if last and not w.failed:
+                    last = w.remaining == 0 and not w.failed
+                    self.answered += last
+                if last:
                     pr = w.prepared
                     w.future.set_result(Ranked(w.out[pr.inverse], pr.runner.version, pr.runner.tasks))
         finally:
