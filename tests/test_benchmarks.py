@@ -36,8 +36,8 @@ sys.path.insert(0, str(BENCH))
 
 # Named one by one so each benchmark's smoke run is a test id of its own;
 # test_every_benchmark_is_named fails when a new one is not added here.
-NAMES = ("fanout", "features", "generate", "model", "propagation", "ps", "ps_ab", "replication", "sequence",
-         "store", "store_churn", "store_restart", "store_tiers")
+NAMES = ("fanout", "features", "generate", "model", "pipeline", "propagation", "ps", "ps_ab", "replication",
+         "sequence", "serving", "store", "store_churn", "store_restart", "store_tiers")
 HAS_REDIS = shutil.which("redis-server") is not None
 HAS_UCXX = importlib.util.find_spec("ucxx") is not None
 
