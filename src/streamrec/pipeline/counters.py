@@ -31,7 +31,9 @@ Semantics (what "exact" means here, and what the brute-force test checks):
   row is only reclaimed once nothing in it can be counted again) after their
   last update, on the table's clock, which is the counters' event-time
   watermark (the newest ``ts_ms`` seen), not the wall clock: a replay of old
-  traffic ages rows as the traffic did.
+  traffic ages rows as the traffic did. Times are trusted: one event far in
+  the future would move the watermark and expire every row, so events come
+  here validated (``events.validate`` dead-letters times far in the future).
 
 Row layout (float64, exact for counts and bucket numbers below 2**53):
 ``[head, slot_0[ch_0 .. ch_C-1], slot_1[...], ..., slot_R-1[...]]``, bucket j in

@@ -562,6 +562,8 @@ def _require_finite(a: np.ndarray, feature: str, column: str) -> None:
 
 
 # -- kernels ---------------------------------------------------------------------------------------
+# Both inline the store's keyed hash (``_index.hash_key``). Numba's cache keys a kernel on its own file
+# only: a change to ``hash_key`` needs this file touched (or its __pycache__ cleared) too.
 
 
 @kernel
