@@ -209,3 +209,21 @@ def test_stca_learns_to_match_targets_against_the_history() -> None:
     torch.manual_seed(0)
     cfg = ModelConfig(dim=16, heads=2, tasks=("click",), item_buckets=256, user_buckets=0, mlp=(32,))
     assert fit_category_task(STCA(cfg), steps=250) > 0.85
+
+
+def test_a_model_trained_on_short_windows_serves_ten_thousand_events() -> None:
+    """Train steps on windows of at most 64 events, then one 10,000-event request: finite scores,
+    equal to its candidates scored alone (no position table caps the length)."""
+    rng = np.random.default_rng(10)
+    b = make_batch(rng, [300, 200, 120], [4, 4, 4])
+    model = _model(b)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    for _ in range(3):
+        opt.zero_grad()
+        model.loss(b.sample_lengths(rng, 8, 64)).backward()
+        opt.step()
+    long = make_batch(rng, [10_000], [3])
+    with torch.no_grad():
+        scores = model(long)
+        assert scores.shape == (3, 3) and torch.isfinite(scores).all()
+        torch.testing.assert_close(scores, model(long.repeat_per_target()), rtol=1e-9, atol=1e-12)
