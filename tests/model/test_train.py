@@ -166,3 +166,20 @@ def test_config_is_checked() -> None:
         TrainConfig(min_len=10, max_len=5)
     with pytest.raises(ValueError, match="lr"):
         TrainConfig(lr=0)
+
+
+def test_compare_ml100k_small() -> None:
+    from streamrec.model.movielens import fetch_wheel, load_ml100k
+    from streamrec.model.train import compare_ml100k
+
+    try:
+        data = load_ml100k(fetch_wheel(timeout_s=120))
+    except FileNotFoundError as exc:
+        pytest.skip(f"recbole wheel not available: {exc}")
+    table = compare_ml100k(("popularity", "stca"), users=100, epochs=1, dim=8, heads=2, layers=1,
+                           negatives=4, data=data)
+    assert set(table) == {"popularity", "stca"}
+    for row in table.values():
+        assert 0.0 <= row["ndcg"] <= row["hr"] <= 1.0 and row["samples"] > 0
+    # chance is 10 / 1682 = 0.006; the most popular items are a far better guess than that
+    assert table["popularity"]["hr"] > 0.04

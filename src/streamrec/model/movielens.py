@@ -23,6 +23,7 @@ convention (numpy arrays the caller should not write).
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import os
 import subprocess
@@ -120,6 +121,12 @@ class MovieLens:
     def positive(self) -> np.ndarray:
         """(N,) bool: rating >= 4."""
         return np.asarray(self.action == ACTIONS["like"])
+
+    def select_users(self, users: np.ndarray) -> MovieLens:
+        """The log of these users only (every item kept): a smaller problem on the same catalogue."""
+        keep = np.isin(self.user_id, users)
+        return dataclasses.replace(self, user_id=self.user_id[keep], item_id=self.item_id[keep],
+                                   ts_ms=self.ts_ms[keep], rating=self.rating[keep], action=self.action[keep])
 
     def item_index(self, item_ids: np.ndarray) -> np.ndarray:
         """Column of each item id in ``items`` (every id must be known)."""

@@ -57,6 +57,7 @@ __all__ = [
     "StreamReport",
     "TrainConfig",
     "Trainer",
+    "compare_ml100k",
     "evaluate_ml100k",
     "make_model",
     "parquet_samples",
@@ -434,6 +435,48 @@ def evaluate_ml100k(model: Ranker, data: MovieLens, split: LeaveOneOut, *, k: in
         scores[rows] = model(batch)[:, 0].float().numpy().reshape(rows.size, data.items.size)
     greater, ties = target_ranks(scores, data.item_index(split.target_item), split.exclude)
     return hr_ndcg_at_k(greater, ties, k)
+
+
+def compare_ml100k(models: Sequence[str] = ("stca", "sasrec", "din", "mean", "popularity"), *,
+                   epochs: int = 3, dim: int = 64, heads: int = 4, layers: int = 2, negatives: int = 16,
+                   max_len: int = 200, lr: float = 1e-3, users: int = 0, seed: int = 0, k: int = 10,
+                   data: MovieLens | None = None, progress: bool = False) -> dict[str, dict[str, float]]:
+    """The ml100k table: each model trained the same way on the same leave-one-out split.
+
+    Every model gets the same training requests (``epochs`` epochs, ``negatives`` sampled negatives
+    per positive, histories of the newest ``max_len`` events), the same ``ModelConfig`` sizes and
+    seed, and is evaluated by full ranking with its whole history (SASRec and DIN cut it to their
+    own windows, 200 and 100).
+
+    Args:
+        models: names from ``MODELS``.
+        users: 0 for all 943; else that many users drawn with ``seed`` (a quicker, noisier run).
+        data: the log (default: ``load_ml100k()``).
+
+    Returns name -> {"hr": HR@k, "ndcg": NDCG@k, "train_s", "eval_s", "samples"}.
+    """
+    from streamrec.model._layers import ModelConfig
+    from streamrec.model.movielens import TASKS, leave_one_out, load_ml100k
+
+    ml = data if data is not None else load_ml100k()
+    if users:
+        pick = np.random.default_rng(seed).choice(np.unique(ml.user_id), size=users, replace=False)
+        ml = ml.select_users(pick)
+    split = leave_one_out(ml)
+    cfg = ModelConfig(dim=dim, heads=heads, layers=layers, tasks=TASKS, item_buckets=1 << 12)
+    out: dict[str, dict[str, float]] = {}
+    for name in models:
+        torch.manual_seed(seed)
+        model, _ = make_model(name, cfg)
+        trainer = Trainer(model, TrainConfig(lr=lr, seed=seed))
+        t0 = time.perf_counter()
+        train_ml100k(trainer, ml, split, epochs=epochs, negatives=negatives, max_len=max_len,
+                     progress=progress)
+        t1 = time.perf_counter()
+        hr, ndcg = evaluate_ml100k(model, ml, split, k=k)
+        out[name] = {"hr": hr, "ndcg": ndcg, "train_s": t1 - t0, "eval_s": time.perf_counter() - t1,
+                     "samples": float(trainer.samples)}
+    return out
 
 
 # -- models and online mode ------------------------------------------------------------------------
