@@ -25,7 +25,8 @@ batches/s at saturation), and commit latency (submit to acknowledgement)
 p99 <= 20 ms), with ``sync_p50_ms``/``sync_p99_ms`` for one batch in flight.
 Fan-out figures: ``fanout_replicas``, ``ps_rows_per_s`` (through the server,
 no fan-out), ``fanout_rows_per_s`` (with the serving replicas pulling),
-``fanout_over_ps``.
+``fanout_over_ps``, and ``log_only_over_ps``: the same ratio measured first,
+before the serving replicas start (the ring logs every write, nobody pulls).
 
 Caveats printed with the figures: all three members share this machine's two
 cores with the writer, so the strong path also pays the followers' CPU, which
@@ -38,7 +39,7 @@ JSON keys (``--json``, last line of stdout): ``batch_bytes``, ``rows_per_batch``
 ``none_rows_per_s``, ``strong_rows_per_s``, ``strong_over_none``,
 ``strong_batches_per_s``, ``half_rate_batches_per_s``, ``p50_ms``, ``p99_ms``,
 ``sync_p50_ms``, ``sync_p99_ms``, ``fanout_replicas``, ``ps_rows_per_s``, ``fanout_rows_per_s``,
-``fanout_over_ps``.
+``fanout_over_ps``, ``log_only_over_ps``.
 
 Run: ``python benchmarks/replication.py [--smoke|--quick] [--json]`` or
 ``streamrec bench replication``.
@@ -66,7 +67,7 @@ from streamrec.store import EmbeddingTable
 
 KEYS = ("batch_bytes", "rows_per_batch", "none_rows_per_s", "strong_rows_per_s", "strong_over_none",
         "strong_batches_per_s", "half_rate_batches_per_s", "p50_ms", "p99_ms", "sync_p50_ms", "sync_p99_ms",
-        "fanout_replicas", "ps_rows_per_s", "fanout_rows_per_s", "fanout_over_ps")
+        "fanout_replicas", "ps_rows_per_s", "fanout_rows_per_s", "fanout_over_ps", "log_only_over_ps")
 DIM = 64
 BATCH_BYTES = 64 * 1024
 ROWS = BATCH_BYTES // (8 + 4 * DIM)  # 248
@@ -176,9 +177,10 @@ class Writer:
 
 
 def measure_fanout(serving: int, data: list[tuple[np.ndarray, np.ndarray]],
-                   seconds: float) -> tuple[float, float]:
-    """(rows/s into ``plain``, rows/s into ``fan``) through one server process (module doc),
-    after checking that every serving replica holds the writable replica's rows."""
+                   seconds: float) -> tuple[float, float, float]:
+    """(rows/s into ``plain``, into ``fan``, and ``fan`` over ``plain`` before any serving
+    replica ran) through one server process (module doc), after checking that every
+    serving replica holds the writable replica's rows."""
     from streamrec.cluster.spec import ClusterSpec, NodeSpec, TableSpec
     from streamrec.config import table_config_from_dict
     from streamrec.ps.client import PSClient
@@ -187,26 +189,34 @@ def measure_fanout(serving: int, data: list[tuple[np.ndarray, np.ndarray]],
     name = f"replication-fanout-{os.getpid()}"
     root = Path("/dev/shm/streamrec") / name
     fan = tuple(f"f{i:02d}" for i in range(1, serving + 1))
-    nodes = [NodeSpec(n, port=free_port(), zone="fan" if n in fan else "z", data_dir=str(root / n))
-             for n in ("w", *fan)]
+    # one zone: "plain" then goes to w alone (the zone's first node), "fan" to w and its serving nodes
+    nodes = [NodeSpec(n, port=free_port(), zone="z", data_dir=str(root / n)) for n in ("w", *fan)]
     cfg = table_config_from_dict({"dim": DIM, "optimizer": "adagrad", "capacity": 2 * TABLE_ROWS})
     spec = ClusterSpec(name, tuple(nodes), (TableSpec("plain", cfg), TableSpec("fan", cfg, serving=fan)))
+    assert spec.replicas("plain", 0) == spec.replicas("fan", 0) == ["w"]
     keys = np.arange(TABLE_ROWS, dtype=np.uint64)
     rates: dict[str, list[float]] = {"plain": [], "fan": []}
+    alone: dict[str, list[float]] = {"plain": [], "fan": []}  # before any serving replica runs
+
+    def measure(ps: PSClient, into: dict[str, list[float]]) -> None:
+        for _ in range(3):
+            for table, out in into.items():
+                done, t0 = 0, time.perf_counter()
+                while time.perf_counter() - t0 < seconds / 3:
+                    k, g = data[done % len(data)]
+                    ps.apply_gradients(table, k, g, 0.01)
+                    done += 1
+                out.append(done * ROWS / (time.perf_counter() - t0))
+
     with LocalCluster(spec) as cluster:
-        cluster.start(timeout_s=300)
+        cluster.start(["w"], timeout_s=300)
         with PSClient(spec, timeout_s=30.0) as ps:
             for table in rates:
                 ps.assign(table, keys, np.zeros((TABLE_ROWS, DIM), np.float32))
                 ps.apply_gradients(table, *data[0], 0.01)
-            for _ in range(3):
-                for table, out in rates.items():
-                    done, t0 = 0, time.perf_counter()
-                    while time.perf_counter() - t0 < seconds / 3:
-                        k, g = data[done % len(data)]
-                        ps.apply_gradients(table, k, g, 0.01)
-                        done += 1
-                    out.append(done * ROWS / (time.perf_counter() - t0))
+            measure(ps, alone)  # "fan" logs every write in its ring; nobody pulls
+            cluster.start(list(fan), timeout_s=300)
+            measure(ps, rates)
             want_seq = _fan_seq(cluster, "w")
             deadline = time.monotonic() + 60
             for n in fan:
@@ -220,7 +230,8 @@ def measure_fanout(serving: int, data: list[tuple[np.ndarray, np.ndarray]],
                 got, found = ps.find("fan", keys, node=n)
                 if not (found.all() and np.array_equal(got, want)):
                     raise AssertionError(f"serving replica {n} differs from the writable replica")
-    return float(np.median(rates["plain"])), float(np.median(rates["fan"]))
+    return (float(np.median(rates["plain"])), float(np.median(rates["fan"])),
+            float(np.median(alone["fan"]) / np.median(alone["plain"])))
 
 
 def _fan_seq(cluster: Any, node: str) -> int:
@@ -257,10 +268,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     none = measure_none(data, secs)
     print(f"none: {none / 1e6:.2f} M rows/s ({none / ROWS:,.0f} batches/s)", file=log_out)
     n_fan = args.fanout_replicas or (2 if args.smoke else 4)
-    ps_rate, fan_rate = measure_fanout(n_fan, data, secs)
+    ps_rate, fan_rate, log_only = measure_fanout(n_fan, data, secs)
     print(f"fan-out: through the server {ps_rate / 1e6:.3f} M rows/s without fan-out, {fan_rate / 1e6:.3f} M "
-          f"rows/s with {n_fan} serving replicas pulling ({fan_rate / ps_rate:.2f}x); every serving replica "
-          "checked against the writable one", file=log_out)
+          f"rows/s with {n_fan} serving replicas pulling ({fan_rate / ps_rate:.2f}x; logging alone, before "
+          f"they ran: {log_only:.2f}x); every serving replica checked against the writable one", file=log_out)
 
     root = Path(tempfile.mkdtemp(prefix="streamrec-replication-"))
     addrs = [f"127.0.0.1:{p}" for p in _free_ports(3)]
@@ -318,7 +329,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "sync_p50_ms": float(np.percentile(sync, 50) * 1e3),
         "sync_p99_ms": float(np.percentile(sync, 99) * 1e3),
         "fanout_replicas": n_fan, "ps_rows_per_s": ps_rate, "fanout_rows_per_s": fan_rate,
-        "fanout_over_ps": fan_rate / ps_rate,
+        "fanout_over_ps": fan_rate / ps_rate, "log_only_over_ps": log_only,
     }
     print(f"strong_over_none {figures['strong_over_none']:.3f} (target >= 0.33) | commit latency at "
           f"{half:,.0f} batches/s: p50 {figures['p50_ms']:.1f} ms, p99 {figures['p99_ms']:.1f} ms "
