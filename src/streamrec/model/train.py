@@ -1,10 +1,11 @@
 """Training: batch and online, with progressive validation, per-task metrics and periodic
-checkpoints; and the MovieLens-100k next-item evaluation.
+checkpoints.
 
 Owns: ``TrainConfig``, ``Trainer`` (one optimisation step per ``RequestBatch``, each batch scored
 before it is trained on), the loops over sample sources (``train_stream``: Parquet files, or the
-pipeline's in-process subscription), and the ml100k train/evaluate/compare functions. It must not
-define models (``stca``, ``baselines``) or read raw events (``pipeline``).
+pipeline's in-process subscription: ``train_online``), the event-to-update latency probe, models by
+name, and the ``streamrec train`` command (MovieLens-100k's protocol is in ``movielens``). It must
+not define models (``stca``, ``baselines``) or read raw events (``pipeline``).
 
 Progressive validation: ``Trainer.step`` computes the batch's logits with the weights as they
 were before the batch, records them against the batch's labels (``metrics.ProgressiveMetrics``),
@@ -38,8 +39,7 @@ import torch
 
 from streamrec.model.batch import DEFAULT_TASKS, RequestBatch
 from streamrec.model.checkpoint import publish
-from streamrec.model.metrics import ProgressiveMetrics, TaskSummary, hr_ndcg_at_k, target_ranks
-from streamrec.model.movielens import LeaveOneOut, MovieLens, ranking_requests, training_requests
+from streamrec.model.metrics import ProgressiveMetrics, TaskSummary
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -57,13 +57,10 @@ __all__ = [
     "StreamReport",
     "TrainConfig",
     "Trainer",
-    "compare_ml100k",
-    "evaluate_ml100k",
     "make_model",
     "parquet_samples",
     "run_command",
     "sample_batches",
-    "train_ml100k",
     "train_online",
     "train_stream",
 ]
@@ -405,80 +402,6 @@ def _progress_line(trainer: Trainer, secs: float, n0: int) -> str:
     return "  ".join(parts)
 
 
-# -- MovieLens-100k --------------------------------------------------------------------------------
-
-
-def train_ml100k(trainer: Trainer, data: MovieLens, split: LeaveOneOut, *, epochs: int = 1,
-                 negatives: int = 16, max_len: int = 200, requests: int = 256,
-                 progress: bool = False) -> StreamReport:
-    """Train next-item prediction on the split's training events for ``epochs`` epochs
-    (``movielens.training_requests``: each positive with ``negatives`` sampled negatives)."""
-    rng = np.random.default_rng(trainer.config.seed)
-    report = None
-    for _ in range(epochs):
-        batches = training_requests(data, split, rng, negatives=negatives, max_len=max_len, requests=requests)
-        report = train_stream(trainer, batches, progress=progress)
-    if report is None:
-        raise ValueError(f"epochs: expected >= 1, got {epochs}")
-    return report
-
-
-@torch.no_grad()
-def evaluate_ml100k(model: Ranker, data: MovieLens, split: LeaveOneOut, *, k: int = 10,
-                    max_len: int = 10_000, users: int = 8) -> tuple[float, float]:
-    """HR@K and NDCG@K of leave-one-out full ranking: every item scored as a candidate of one
-    request per evaluated user (the user's history items excluded), ties broken at random in
-    expectation (``metrics.hr_ndcg_at_k``)."""
-    model.train(False)
-    scores = np.empty((split.users.size, data.items.size), dtype=np.float32)
-    for rows, batch in ranking_requests(data, split, max_len=max_len, users=users):
-        scores[rows] = model(batch)[:, 0].float().numpy().reshape(rows.size, data.items.size)
-    greater, ties = target_ranks(scores, data.item_index(split.target_item), split.exclude)
-    return hr_ndcg_at_k(greater, ties, k)
-
-
-def compare_ml100k(models: Sequence[str] = ("stca", "sasrec", "din", "mean", "popularity"), *,
-                   epochs: int = 3, dim: int = 64, heads: int = 4, layers: int = 2, negatives: int = 16,
-                   max_len: int = 200, lr: float = 1e-3, users: int = 0, seed: int = 0, k: int = 10,
-                   data: MovieLens | None = None, progress: bool = False) -> dict[str, dict[str, float]]:
-    """The ml100k table: each model trained the same way on the same leave-one-out split.
-
-    Every model gets the same training requests (``epochs`` epochs, ``negatives`` sampled negatives
-    per positive, histories of the newest ``max_len`` events), the same ``ModelConfig`` sizes and
-    seed, and is evaluated by full ranking with its whole history (SASRec and DIN cut it to their
-    own windows, 200 and 100).
-
-    Args:
-        models: names from ``MODELS``.
-        users: 0 for all 943; else that many users drawn with ``seed`` (a quicker, noisier run).
-        data: the log (default: ``load_ml100k()``).
-
-    Returns name -> {"hr": HR@k, "ndcg": NDCG@k, "train_s", "eval_s", "samples"}.
-    """
-    from streamrec.model._layers import ModelConfig
-    from streamrec.model.movielens import TASKS, leave_one_out, load_ml100k
-
-    ml = data if data is not None else load_ml100k()
-    if users:
-        pick = np.random.default_rng(seed).choice(np.unique(ml.user_id), size=users, replace=False)
-        ml = ml.select_users(pick)
-    split = leave_one_out(ml)
-    cfg = ModelConfig(dim=dim, heads=heads, layers=layers, tasks=TASKS, item_buckets=1 << 12)
-    out: dict[str, dict[str, float]] = {}
-    for name in models:
-        torch.manual_seed(seed)
-        model, _ = make_model(name, cfg)
-        trainer = Trainer(model, TrainConfig(lr=lr, seed=seed))
-        t0 = time.perf_counter()
-        train_ml100k(trainer, ml, split, epochs=epochs, negatives=negatives, max_len=max_len,
-                     progress=progress)
-        t1 = time.perf_counter()
-        hr, ndcg = evaluate_ml100k(model, ml, split, k=k)
-        out[name] = {"hr": hr, "ndcg": ndcg, "train_s": t1 - t0, "eval_s": time.perf_counter() - t1,
-                     "samples": float(trainer.samples)}
-    return out
-
-
 # -- models and online mode ------------------------------------------------------------------------
 
 MODELS = ("stca", "sasrec", "din", "mean", "popularity")
@@ -592,7 +515,7 @@ def run_command(args: Any) -> int:
 
     progress = not args.no_progress and console.is_terminal
     if args.source == "movielens":
-        from streamrec.model.movielens import TASKS, leave_one_out, load_ml100k
+        from streamrec.model.movielens import TASKS, evaluate_ml100k, leave_one_out, load_ml100k, train_ml100k
 
         data = load_ml100k(args.wheel)
         split = leave_one_out(data)
