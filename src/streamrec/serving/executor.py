@@ -195,18 +195,21 @@ class ModelRunner:
         m = self._m
         c = m.config
         m._check(batch)
-        lens = torch.tensor([e.length for e in encoded], dtype=torch.int64)
-        hist_offsets = torch.zeros(len(encoded) + 1, dtype=torch.int64)
-        torch.cumsum(lens, 0, out=hist_offsets[1:])
-        kvs = [torch.cat([e.kv[i] for e in encoded]) if len(encoded) > 1 else encoded[0].kv[i]
-               for i in range(len(m.layers))]
         target = m.item_embedding(batch.target_item) + m.category(batch.target_category)
         h, e = c.heads, c.dim // c.heads
+        toff = batch.target_offsets.tolist()
+        # Attention runs per request: each is then unragged (torch's fused attention, no padding of
+        # one request's queries to another's count, which packing requests of 10 and 500
+        # candidates would cost); the projections and the MLP run once for the whole batch.
+        per_req = [[(kv.view(-1, 2, h, e).unbind(1), torch.tensor([0, enc.length]))
+                    for kv in enc.kv] for enc in encoded]
         outs: list[torch.Tensor] = []
-        for layer, kv in zip(m.layers, kvs, strict=True):
-            k, v = kv.view(-1, 2, h, e).unbind(1)
+        for i, layer in enumerate(m.layers):
             q = layer.q(torch.cat([target, *outs], dim=1)).view(-1, h, e)
-            att = ragged_target_attention(q, k, v, hist_offsets, batch.target_offsets, c.attn_chunk)
+            att = torch.cat([
+                ragged_target_attention(q[a:b], k, v, hist_off, torch.tensor([0, b - a]), c.attn_chunk)
+                for ((k, v), hist_off), a, b in ((req[i], a, b) for req, a, b
+                                                  in zip(per_req, toff[:-1], toff[1:], strict=True))])
             outs.append(layer.o(att.reshape(-1, c.dim)))
         parts = [torch.cat([*outs, *(o * target for o in outs)], dim=1), target, *m.features(batch)]
         return self._head(torch.cat(parts, dim=1))
