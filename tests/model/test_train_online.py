@@ -56,3 +56,16 @@ def test_online_training_lifts_auc_without_leaking(tmp_path: Path) -> None:
 def test_eager_emission_does_not_leak(tmp_path: Path) -> None:
     report = _run(tmp_path, "eager")
     assert report.tasks["click"].auc < report.best["click"].auc + 0.02
+
+
+def test_event_to_update_latency_probe() -> None:
+    from streamrec.model.train import event_to_update
+
+    # short delays, no late or duplicate deliveries: else the generator steps on for minutes of event
+    # time (thousands of 100 ms micro-batches) to deliver the last actions
+    gen = GeneratorConfig(users=50, items=500, categories=10, impressions_per_s=1000, duplicate_rate=0.0,
+                          late_rate=0.0, action_delay_s=0.5, reaction_delay_s=1.0, seed=4)
+    r = event_to_update(gen, JoinConfig(window_s=30, huge_pages=False, capacity=4096), _MODEL,
+                        events=3000, history_len=100)
+    assert r["eager_samples"] > 50 and r["samples"] >= r["eager_samples"] and r["steps"] > 5
+    assert 0 < r["p50_s"] <= r["p99_s"] <= r["max_s"] and r["wait_max_s"] == 0.1

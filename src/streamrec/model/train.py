@@ -45,6 +45,8 @@ if TYPE_CHECKING:
     import pyarrow as pa
 
     from streamrec.model._layers import ModelConfig, SequenceRanker
+    from streamrec.pipeline.generate import GeneratorConfig
+    from streamrec.pipeline.join import JoinConfig
     from streamrec.pipeline.runner import PipelineConfig, RunStats
     from streamrec.store.sequence import SequenceStore
     from streamrec.store.table import EmbeddingTable
@@ -57,6 +59,7 @@ __all__ = [
     "StreamReport",
     "TrainConfig",
     "Trainer",
+    "event_to_update",
     "make_model",
     "parquet_samples",
     "run_command",
@@ -492,6 +495,67 @@ def train_online(pipeline: PipelineConfig, make: Callable[[RequestBatch], tuple[
     if failed:
         raise failed[0]
     return trainer, report, runner.stats
+
+
+def event_to_update(generator: GeneratorConfig, join: JoinConfig, base: ModelConfig, *, events: int = 50_000,
+                    micro_batch_ms: int = 100, lateness_ms: int = 1000, history_len: int = 1000,
+                    config: TrainConfig | None = None) -> dict[str, float]:
+    """Online mode's latency from an action's arrival to the store holding its sample's updated rows.
+
+    One thread does what the embedded runner and the trainer do, micro-batch by micro-batch: the
+    generator's arrivals of ``micro_batch_ms`` (``step_s``) are handed over at ``t0``; the feature
+    counters observe them, the join emits samples, the default feature set adds their features,
+    and STCA (item and user rows in store tables, ``StoreEmbedding``) trains on them; the store
+    rows are stepped in ``backward``. Each eager sample (``kind`` 1 or 2) of the micro-batch is
+    one observation of ``end - t0``. In real time an action also waits for its micro-batch to
+    close, at most ``micro_batch_ms``: returned apart, as ``wait_max_s``. The first micro-batch
+    with samples builds the model and the optimizer (torch's first-use imports take seconds) and
+    is not an observation.
+
+    Verifies, for every step, that the item rows of every target were pushed to the store.
+
+    Returns p50_s, p99_s, max_s (over eager samples), wait_max_s, eager_samples, samples, steps.
+    """
+    from streamrec.pipeline.features import default_features
+    from streamrec.pipeline.generate import generate
+    from streamrec.pipeline.join import SampleJoin
+
+    gen = dataclasses.replace(generator, step_s=micro_batch_ms / 1000)
+    sj = SampleJoin(dataclasses.replace(join, policy="eager"))
+    fs = default_features()
+    stores = fs.make_stores(sequences=sj.sequences)
+    trainer: Trainer | None = None
+    lat: list[np.ndarray] = []
+    samples = 0
+    cut = gen.start_ms
+    for imps, acts in generate(gen, events):
+        t0 = time.perf_counter()
+        cut += micro_batch_ms
+        stores.observe(imps, acts)
+        out = sj.process(imps, acts, cut - lateness_ms)
+        if not out.num_rows:
+            continue
+        out = fs.transform(out, stores)
+        warmup = trainer is None
+        for step in sample_batches([out], sj.sequences, max_len=history_len, max_targets=1 << 30):
+            if trainer is None:
+                model, tables = make_model("stca", base.for_batch(step.batch), store_embeddings=True)
+                trainer = Trainer(model, config or TrainConfig(), tables=tables)
+            trainer.step(step.batch, step.scored)
+            pushed = trainer.model.item_embedding.pushed_keys  # type: ignore[attr-defined]
+            if not np.isin(step.batch.target_item.numpy().astype(np.uint64), pushed).all():
+                raise RuntimeError("a target's item row was not pushed to the store by its step")
+        end = time.perf_counter()
+        eager = int(np.isin(out.column("kind").to_numpy(zero_copy_only=False), (1, 2)).sum())
+        samples += out.num_rows
+        if not warmup:
+            lat.append(np.full(eager, end - t0))
+    all_lat = np.concatenate(lat) if lat else np.zeros(0)
+    if not all_lat.size or trainer is None:
+        raise ValueError("no eager samples: raise events or the click rate")
+    return {"p50_s": float(np.percentile(all_lat, 50)), "p99_s": float(np.percentile(all_lat, 99)),
+            "max_s": float(all_lat.max()), "wait_max_s": micro_batch_ms / 1000,
+            "eager_samples": float(all_lat.size), "samples": float(samples), "steps": float(trainer.batches)}
 
 
 # -- the ``streamrec train`` command ---------------------------------------------------------------
