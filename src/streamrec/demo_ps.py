@@ -1,4 +1,4 @@
-"""``streamrec demo``: the parameter server at work on loopback (the main job until serving exists).
+"""``streamrec demo ps``: the parameter server at work on loopback (also a phase of ``streamrec demo``).
 
 Owns: the demo's script: start a small cluster (two zones, two nodes per zone,
 two shards, one replica of each shard per zone), load rows, look them up
@@ -31,7 +31,7 @@ from streamrec.errors import TransportError
 from streamrec.ps.client import PSClient
 from streamrec.ps.local import LocalCluster, loopback_spec
 
-__all__ = ["run_demo"]
+__all__ = ["PsDemoResult", "run_demo"]
 
 _BATCH = 4096
 _LOCAL = "z1n1"  # the client sits beside this node: same host, same pod
@@ -184,11 +184,29 @@ def _failover(console: Console, cluster: LocalCluster, spec: ClusterSpec, rows: 
     return run, client
 
 
-def run_demo(*, seconds_per_phase: float = 4.0, rows: int = 1_000_000) -> int:
-    """Run the demo; 0 when every lookup succeeded with the right rows, 1 otherwise."""
+@dataclass(frozen=True)
+class PsDemoResult:
+    """What the PS demo measured: the failover phase's calls, failures, wrong rows and retried calls,
+    and the failed calls and wrong rows of every phase."""
+
+    failover_calls: int
+    failover_failed: int
+    failover_wrong: int
+    retried_calls: int
+    failed: int
+    wrong: int
+
+    @property
+    def ok(self) -> bool:
+        return self.failed == 0 and self.wrong == 0
+
+
+def run_demo(*, seconds_per_phase: float = 4.0, rows: int = 1_000_000,
+             console: Console | None = None) -> PsDemoResult:
+    """Run the demo and return what it measured (``ok``: every lookup succeeded with the right rows)."""
     if rows < _BATCH or seconds_per_phase <= 0:
         raise ValueError(f"rows >= {_BATCH} and seconds > 0 required, got {rows}, {seconds_per_phase}")
-    console = Console()
+    console = console or Console()
     started = time.monotonic()
     spec = loopback_spec(f"demo-{os.getpid()}")
     args = ("--rdma",) if "rdma" in _transports() else ()
@@ -236,4 +254,6 @@ def run_demo(*, seconds_per_phase: float = 4.0, rows: int = 1_000_000) -> int:
                   f"served by transport: {st.by_transport}")
     console.print(f"[{'green' if ok else 'red'}]failed calls: {sum(r.failed for r in results.values())}"
                   f"[/] · total time {time.monotonic() - started:.0f} s")
-    return 0 if ok else 1
+    return PsDemoResult(failover_calls=fo.calls, failover_failed=fo.failed, failover_wrong=fo.wrong,
+                        retried_calls=st.retried_calls, failed=sum(r.failed for r in results.values()),
+                        wrong=sum(r.wrong for r in results.values()))
