@@ -52,7 +52,8 @@ class ServeConfig:
             events, 250 of 1,000, at 2 layers of D = 64).
         embedding_cache_rows: the hot-embedding cache's bound in rows (262,144: 64 MiB at D = 64).
         pda: use the near-model caches and reused buffers (False only to measure without them).
-        dso: pack and split requests (False: one request per model call, in arrival order).
+        dso: pack and split requests (False: no orchestration: one worker takes each request
+            through preprocessing and its own model call, then the next).
         executor: "eager", "compile" (``torch.compile`` of the per-token history encoder and the
             scoring head) or "auto" (compile when a compiler is present; the choice is measured in
             BENCHMARKS.md).

@@ -22,7 +22,8 @@ The path of a request::
   into chunks; a model call takes pieces in arrival order up to ``batch_candidates``, at most
   one chunk of each split request (so the chunks of one request run on different model workers
   at once), and only pieces prepared with the same model version. A call that is not full waits
-  up to ``max_wait_ms`` for more. With ``dso`` off every request is one call, one at a time.
+  up to ``max_wait_ms`` for more. With ``dso`` off there is no orchestration: one worker takes
+  each request through preprocessing and its own model call before it takes the next.
 
 Thread safety: ``rank`` is called from the event loop thread; everything else runs in the
 orchestrator's own threads. ``close`` stops them and fails what is still queued with 503.
@@ -114,7 +115,8 @@ class Orchestrator:
         self._lock = threading.Lock()
         self._closed = False
         self._ready: queue.Queue[_Work | None] = queue.Queue()
-        self._pre_pool = cf.ThreadPoolExecutor(config.preprocess_threads, thread_name_prefix="streamrec-pre")
+        pre = config.preprocess_threads if config.dso else 1
+        self._pre_pool = cf.ThreadPoolExecutor(pre, thread_name_prefix="streamrec-pre")
         workers = config.model_threads if config.dso else 1
         self._model_pool = cf.ThreadPoolExecutor(workers, thread_name_prefix="streamrec-model")
         self._in_flight = threading.Semaphore(workers)
@@ -193,7 +195,11 @@ class Orchestrator:
         self.metrics.stage.labels("preprocess").observe(t1 - t0)
         w = _Work(p, fut, deadline, t_admit, t_ready=t1,
                   out=np.empty((p.num_candidates, len(runner.tasks)), np.float32))
-        self._ready.put(w)
+        if self.config.dso:
+            self._ready.put(w)
+        else:
+            self._in_flight.acquire()
+            self._run_batch(self._pieces(w))
 
     # -- batching -----------------------------------------------------------------------
 
@@ -216,7 +222,7 @@ class Orchestrator:
                 waiting.extend(self._pieces(w))
             self._drain(waiting)
             batch = self._take(waiting)
-            if c.dso and sum(p.size for p in batch) < c.batch_candidates and not waiting:
+            if sum(p.size for p in batch) < c.batch_candidates and not waiting:
                 end = time.monotonic() + wait_s
                 while (left := end - time.monotonic()) > 0:
                     try:
@@ -250,10 +256,6 @@ class Orchestrator:
         """Pieces for one model call from ``waiting`` (module doc's rules); the rest stay, in order."""
         c = self.config
         got: list[_Piece] = []
-        if not c.dso:
-            if not batch and waiting:
-                got.append(waiting.popleft())
-            return got
         have = list(batch or [])
         size = sum(p.size for p in have)
         runner = have[0].work.prepared.runner if have else None
