@@ -180,6 +180,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--batch-kib", type=int, default=1024, help="batch size (default 1024 KiB)")
     ap.add_argument("--rate", type=float, default=5.0, help="batches per second (default 5)")
     ap.add_argument("--seconds", type=float, default=10.0, help="seconds of batches (default 10)")
+    ap.add_argument("--log-dir", help="keep each node's log here (default: a temporary directory, removed)")
     args = ap.parse_args(argv)
     if args.smoke:
         args.writable, args.serving, args.k, args.batch_kib, args.seconds = 1, 2, 1, 64, 1.0
@@ -194,7 +195,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     batch_bytes = rows * ROW_BYTES
     tree = fanout_tree(root, fan, args.k)
     t_start = time.monotonic()
-    with LocalCluster(spec) as cluster:
+    with LocalCluster(spec, log_dir=args.log_dir) as cluster:
         cluster.start(timeout_s=600)
         print(f"{args.writable} writable + {args.serving} serving processes up in "
               f"{time.monotonic() - t_start:.1f} s; tree k={args.k}, depth {tree.depth}", file=log)

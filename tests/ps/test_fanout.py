@@ -126,6 +126,11 @@ def test_committed_writes_reach_every_serving_replica(cluster: LocalCluster, ps:
     _check_everywhere(ps, keys[:-100], erased)
     assigned, _ = ps.find("emb", keys[500:-100], node="f05")
     assert_array_equal(assigned, _rows(keys[500:-100], 0))
+    with PSClient(cluster.spec) as near:  # every transport: one-sided reads of the replica's files here
+        got, found = near.find("emb", keys[:-100], node="f05")
+        want, _ = ps.find("emb", keys[:-100], node=_ROOT)
+        assert found.all() and np.array_equal(got, want)
+        assert near.stats.by_transport.get("one_sided", 0) > 0, near.stats.by_transport
 
 
 def test_writes_to_a_serving_replica_are_refused(cluster: LocalCluster, ps: PSClient) -> None:
