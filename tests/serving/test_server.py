@@ -8,12 +8,13 @@ from collections.abc import Iterator
 import httpx
 import numpy as np
 import pytest
+import torch
 import tritonclient.http as tc
 
 from streamrec.pipeline.features import Stores
 from streamrec.serving import ModelRunner, ServeConfig, Server
 from streamrec.store import SequenceStore
-from tests.serving.conftest import NOW_MS, direct_scores, small_model
+from tests.serving.conftest import NOW_MS, direct_scores, small_config, small_model
 
 
 @pytest.fixture
@@ -104,3 +105,21 @@ def test_history_cache_hits_and_sees_new_events(store: SequenceStore) -> None:
         np.testing.assert_allclose(after, want,
                                    rtol=1e-4, atol=1e-6)
         assert not np.allclose(first, after)
+
+
+def test_a_baseline_model_runs_whole_through_the_server(store: SequenceStore) -> None:
+    from streamrec.model.baselines import DIN
+
+    torch.manual_seed(1)
+    model = DIN(small_config()).eval()  # its window of 100 events: not split, history passed whole
+    runner = ModelRunner(model, 1)
+    assert not runner.split
+    rng = np.random.default_rng(2)
+    cfg = ServeConfig(port=0, chunk_candidates=32)
+    with Server(cfg, runner=runner, stores=Stores(sequences=store)) as s, httpx.Client(base_url=s.url) as c:
+        for user in (1, 2, 5, 12345):
+            items = rng.integers(0, 10**5, 90)
+            r = c.post("/rank", json={"user_id": user, "item_ids": items.tolist(), "ts_ms": NOW_MS})
+            assert r.status_code == 200, r.text
+            np.testing.assert_allclose(np.array(r.json()["scores"]), direct_scores(model, store, user, items),
+                                       rtol=1e-4, atol=1e-6)
