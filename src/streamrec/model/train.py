@@ -627,11 +627,11 @@ def run_command(args: Any) -> int:
             table.add_row(t, f"{s.auc:.4f}", "-" if math.isnan(b.auc) else f"{b.auc:.4f}", f"{s.gauc:.4f}",
                           f"{s.logloss:.4f}", f"{s.samples:,}")
         console.print(table)
+        console.print(f"{report.samples:,} samples in {report.seconds:.1f} s ({report.samples_per_s:,.0f}/s)")
         lat = report.update_latency_s
-        if lat.size:
-            console.print(f"{report.samples:,} samples in {report.seconds:.1f} s "
-                          f"({report.samples_per_s:,.0f}/s); batch arrival to update p50 "
-                          f"{np.percentile(lat, 50):.3f} s, p99 {np.percentile(lat, 99):.3f} s")
+        if args.source == "online" and lat.size:  # a file's batches have no arrival time worth the name
+            console.print(f"sample batch arrival to its update: p50 {np.percentile(lat, 50):.3f} s, "
+                          f"p99 {np.percentile(lat, 99):.3f} s")
     if report.versions:
         console.print(f"published versions {report.versions} into {args.model_dir}")
     return 0
