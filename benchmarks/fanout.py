@@ -70,6 +70,7 @@ from streamrec.ps._ring import Batch, decode_pull, pull_request
 from streamrec.ps.client import PSClient
 from streamrec.ps.local import LocalCluster, free_port
 from streamrec.ps.service import STATS_APPLIED, Service
+from streamrec.transport.base import Connection
 from streamrec.transport.frames import Frame, Kind
 from streamrec.transport.tcp import TcpConnection
 
@@ -120,7 +121,7 @@ def wait_caught_up(cluster: LocalCluster, root: str, fan: tuple[str, ...], timeo
 def measure_params(spec: ClusterSpec, node: str, epoch: int, small_seq: int, big_seq: int, big_bytes: int,
                    k: int, chunk_bytes: int, rounds: int) -> Params:
     """Per-hop latency, link rate and apply rate of the real implementation (module doc)."""
-    def timed(conn: TcpConnection, frame: Frame, n: int) -> float:
+    def timed(conn: Connection, frame: Frame, n: int) -> float:
         times = []
         for i in range(n):
             frame.request_id = i + 1
@@ -136,8 +137,9 @@ def measure_params(spec: ClusterSpec, node: str, epoch: int, small_seq: int, big
         big = timed(conn, pull_request(0, 0, epoch, big_seq - 1, 1, 0), 5 * rounds)
         one = conn.request(pull_request(0, 0, epoch, big_seq - 1, 1, 0, request_id=999), 5.0)
         _, got = decode_pull(one, DIM)
-        assert [b.seq for b in got] == [big_seq] and got[0].keys.nbytes + got[0].values.nbytes == big_bytes
-    small_bytes = 64 * KIB
+        assert [b.seq for b in got] == [big_seq] and got[0].values is not None
+        assert got[0].keys.nbytes + got[0].values.nbytes == big_bytes
+    small_bytes = (64 * KIB // ROW_BYTES) * ROW_BYTES
     bw = (big_bytes - small_bytes) / max(big - small, 1e-9)
     per_msg = max(0.0, big - rtt - big_bytes / bw)
     # apply: 1 MiB batches into a serving replica in this process, as a follower applies them

@@ -29,7 +29,7 @@ import pytest
 from numpy.testing import assert_array_equal
 
 from streamrec.ps._follow import PARENT_DEAD_S
-from streamrec.ps._status import cluster_status
+from streamrec.ps._status import cluster_status, format_status
 from streamrec.ps.client import PSClient
 from streamrec.ps.local import LocalCluster, loopback_spec
 from streamrec.transport.frames import Frame, Kind, Status
@@ -240,30 +240,34 @@ def test_writable_root_restart_resyncs_the_tree(cluster: LocalCluster, ps: PSCli
 
 
 def test_ps_status_shows_roles_and_lag(cluster: LocalCluster, ps: PSClient) -> None:
-    def status() -> dict[str, dict]:
-        out = subprocess.run([sys.executable, "-m", "streamrec.cli", "ps", "status", "--config",
-                              str(cluster.spec_path), "--json"], capture_output=True, text=True, timeout=60)
-        assert out.returncode == 0, out.stderr
-        return {r["node"]: r for r in json.loads(out.stdout.splitlines()[-1])}
-
     _caught_up(cluster)
-    rows = status()
+    out = subprocess.run([sys.executable, "-m", "streamrec.cli", "ps", "status", "--config",
+                          str(cluster.spec_path), "--json"], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    rows = {r["node"]: r for r in json.loads(out.stdout.splitlines()[-1])}
     assert {n: r["role"] for n, r in rows.items()} == {_ROOT: "writable", _OTHER: "writable",
                                                        **{n: "serving" for n in _FAN}}
     assert all(rows[n]["lag_batches"] == 0 and rows[n]["lag_s"] == 0 and rows[n]["root"] == _ROOT
                for n in _FAN)
-    cluster.kill("f02")  # f05 gets nothing until it re-attaches (PARENT_DEAD_S)
-    t0 = time.monotonic()
-    for i in range(3):
-        keys = np.arange(400_000 + 100 * i, 400_100 + 100 * i, dtype=np.uint64)
-        ps.assign("emb", keys, _rows(keys, 5))
-        time.sleep(0.05)
-    rows = {r["node"]: r for r in cluster_status(cluster.spec, timeout_s=0.3)}
-    if time.monotonic() - t0 < PARENT_DEAD_S:  # else f05 may have re-attached: nothing to check
+    pid = cluster.pid("f02")
+    assert pid is not None
+    os.kill(pid, signal.SIGSTOP)  # f05 gets nothing until it re-attaches (PARENT_DEAD_S)
+    try:
+        t0 = time.monotonic()
+        for i in range(3):
+            keys = np.arange(400_000 + 100 * i, 400_100 + 100 * i, dtype=np.uint64)
+            ps.assign("emb", keys, _rows(keys, 5))
+            time.sleep(0.05)
+        status = cluster_status(cluster.spec, timeout_s=0.2)
+        took = time.monotonic() - t0
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    rows = {r["node"]: r for r in status}
+    if took < PARENT_DEAD_S:  # else f05 may have re-attached: nothing to check
         assert rows["f05"]["lag_batches"] == 3 and rows["f05"]["lag_s"] > 0.09, rows["f05"]
     assert not rows["f02"]["up"] and rows["f02"]["lag_batches"] is None
-    text = subprocess.run([sys.executable, "-m", "streamrec.cli", "ps", "status", "--config",
-                           str(cluster.spec_path)], capture_output=True, text=True, timeout=60).stdout
-    assert text.splitlines()[0].split()[:4] == ["TABLE", "SHARD", "NODE", "ROLE"] and "f05" in text
-    cluster.restart("f02", timeout_s=120)
+    text = format_status(status).splitlines()
+    assert text[0].split()[:4] == ["TABLE", "SHARD", "NODE", "ROLE"] and len(text) == 1 + len(rows)
+    assert next(line for line in text if " f05 " in line).split()[-2] == ("3" if took < PARENT_DEAD_S else
+                                                                       str(rows["f05"]["lag_batches"]))
     _caught_up(cluster)
