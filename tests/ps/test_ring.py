@@ -3,6 +3,9 @@ in one process: the ring against a list of batches, the apply against a dict."""
 
 from __future__ import annotations
 
+import time
+from pathlib import Path
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -21,8 +24,11 @@ from streamrec.ps._ring import (
     decode_pull,
     pull_request,
 )
+from streamrec.ps.local import free_port
+from streamrec.ps.server import StorageServer
 from streamrec.ps.service import SERVING, Service
 from streamrec.transport.frames import Frame, Kind, Status
+from streamrec.transport.tcp import TcpConnection
 
 _DIM = 4
 _SPEC = ClusterSpec("r", (NodeSpec("w", port=7001, zone="z"), NodeSpec("f", port=7002, zone="f")),
@@ -125,3 +131,47 @@ def test_serving_replica_refuses_writes_and_reads_until_ready() -> None:
         assert reply.status == Status.READ_ONLY and "w" in reply.text()
     assert svc.handle(Frame(Kind.FIND, [keys], request_id=2)).status == Status.UNAVAILABLE
     assert svc.handle(pull_request(0, 0, 0, 0, 1, 0)).status == Status.UNAVAILABLE
+
+
+def test_long_polls_park_on_the_master_and_wake_on_a_write(tmp_path: Path) -> None:
+    """Eight PULLs waiting (more than the server's two workers) leave a write unhindered, and
+    the write's batch answers them before their 50 ms wait is over. Were a waiting PULL to hold
+    a worker, the write would wait out the 50 ms; timing on a loaded host is noisy, so the best
+    of three tries must beat it."""
+    spec = ClusterSpec("r", (NodeSpec("w", port=free_port(), zone="z"),
+                             NodeSpec("f", port=free_port(), zone="f")),
+                       (TableSpec("emb", TableConfig(dim=_DIM), serving=("f",)),))
+    server = StorageServer(spec, "w", shm=False, data_dir=tmp_path, fill_from_peers=False).start()
+    conns = [TcpConnection(spec.node("w").address) for _ in range(9)]
+    try:
+        epoch = decode_pull(conns[0].request(pull_request(0, 0, 0, 0, 1, 0, request_id=1), 5.0), _DIM)[0][0]
+        best = []
+        for attempt in range(3):
+            for i, c in enumerate(conns[:8]):
+                c.send(pull_request(0, 0, epoch, attempt, 1 << 20, 50, request_id=100 * attempt + i + 10))
+            time.sleep(0.005)  # parked: they expire 45 ms after the write starts, unless woken
+            keys = np.array([attempt, 1000 + attempt], dtype=np.uint64)
+            t0 = time.perf_counter()
+            rid = 1000 + attempt
+            reply = conns[8].request(Frame(Kind.ASSIGN, [keys, np.ones((2, _DIM), np.float32)],
+                                           request_id=rid), 5.0)
+            wrote = time.perf_counter() - t0
+            assert reply.status == Status.OK
+            for i, c in enumerate(conns[:8]):
+                _, batches = decode_pull(_recv(c, 100 * attempt + i + 10), _DIM)
+                assert [(b.seq, b.keys.tolist()) for b in batches] == [(attempt + 1, keys.tolist())]
+            best.append(max(wrote, time.perf_counter() - t0))
+        assert min(best) < 0.03, best
+    finally:
+        for c in conns:
+            c.close()
+        server.stop()
+
+
+def _recv(conn: TcpConnection, request_id: int) -> Frame:
+    deadline = time.monotonic() + 5.0
+    while time.monotonic() < deadline:
+        r = conn.recv(0.1)
+        if r is not None and r.request_id == request_id:
+            return r
+    raise AssertionError(f"no reply to {request_id}")
