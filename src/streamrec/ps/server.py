@@ -335,7 +335,8 @@ class StorageServer:
             self._answer(ep, token, reply, kind, arrived, nkeys)
             return
         if req.kind == Kind.PULL:  # cheap (a ring read, a few arrays joined): on the master, or parked
-            pulled = self.service.pull(req, park=ep.name == "tcp")  # TCP replies may trail later frames
+            # TCP replies may trail later frames; past _MAX_QUEUE parked, answer at once (bounded memory)
+            pulled = self.service.pull(req, park=ep.name == "tcp" and len(self._parked) < _MAX_QUEUE)
             if pulled is not None:
                 self._answer(ep, token, pulled, kind, arrived, 0)
             else:
