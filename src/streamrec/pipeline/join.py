@@ -7,6 +7,9 @@ It must not keep join state in Python between micro-batches: pending impressions
 in a ``SequenceStore``, so a snapshot of those stores plus the source offsets is the whole state. The only
 Python attribute that changes across calls is ``counts`` (statistics, not state: no output depends on it).
 
+Tables: ``pending`` (impressions in their window, TTL = the window), ``closed`` (impressions past it, for
+late actions), ``parked`` (actions ahead of their impression), ``dedup`` (action keys, one column).
+
 Semantics (``tests/pipeline/test_join.py`` checks them against a per-event model on random streams):
 
 - **Window.** Impression i (request r, item it, time t_i) waits for its window ``[t_i, D)``, D = t_i + W.
@@ -25,8 +28,8 @@ Semantics (``tests/pipeline/test_join.py`` checks them against a per-event model
 - **Late actions** (t_a >= D while pending, or arriving after the close while the closed impression is
   still kept, ``late_horizon_s`` past D): ``late="drop"`` counts them; ``late="correct"`` emits kind 3
   with every label so far: at the close for those met while pending, at once for those after it.
-- **Out-of-order arrival.** An action whose impression has not arrived is *parked* in the impression's
-  row (up to ``_PARK_SLOTS`` actions a pair) until the watermark passes C(t_a + W); an impression that
+- **Out-of-order arrival.** An action whose impression has not arrived is *parked* in a row of the parked
+  table (up to ``_PARK_SLOTS`` actions a pair) until the watermark passes C(t_a + W); an impression that
   arrives meanwhile takes them as if they arrived with it. Parked actions never claimed are counted.
 - **Late impressions.** An impression whose window has closed at its call's watermark is dropped, counted.
   Actions older than W + ``late_horizon_s`` at their call's watermark are dropped, counted.
@@ -65,19 +68,21 @@ from streamrec.store.table import EmbeddingTable
 
 __all__ = ["JoinConfig", "SampleJoin"]
 
-# Row layout of a pending (or closed) pair, float64 columns.
+# Row layout of a pending (or closed) impression, float64 columns.
 _REQ, _USER, _ITEM, _TS, _POS, _CAT, _DEV, _HOUR, _GTC, _GTL, _GTF = range(11)
-_FLAGS = 11  # 1: the impression is here (else the row only parks actions)
-_LAB = 12  # on-time label bits (bit code-1)
-_WATCH = 13  # on-time watch time
-_ELAB = 14  # label bits at the last emission; -1: never emitted
-_EWATCH = 15  # watch time at the last emission
-_LLAB = 16  # label bits of late actions met while pending (late="correct")
-_LWATCH = 17
-_NPARK = 18  # actions parked in the slots
-_PARK = 19  # _PARK_SLOTS x (code, ts_ms, value)
+_LAB = 11  # on-time label bits (bit code-1)
+_WATCH = 12  # on-time watch time
+_ELAB = 13  # label bits at the last emission; -1: never emitted
+_EWATCH = 14  # watch time at the last emission
+_LLAB = 15  # label bits of late actions met while pending (late="correct")
+_LWATCH = 16
+_DIM = 17
+# Row layout of a parked pair: its ids, then the actions waiting for its impression.
+_NPARK = 2  # actions parked in the slots (after _REQ, _ITEM = columns 0 and 1 here too)
+_PARK = 3  # _PARK_SLOTS x (code, ts_ms, value)
 _PARK_SLOTS = 4  # an impression later than 4 of its own actions is rare; a 5th is dropped, counted
-_DIM = _PARK + 3 * _PARK_SLOTS
+_PDIM = _PARK + 3 * _PARK_SLOTS
+_PITEM = 1
 _NO_GT = -1.0  # a null ground truth (NaN would be refused by the table's non-finite check)
 
 _CODES = np.array(sorted(ACTIONS.values()), dtype=np.int64)
@@ -87,6 +92,7 @@ _SECOND_MS = 1000
 
 # Emitted pieces: (rows (n, _DIM), label bits (n,), watch time (n,), kind (n,) int8).
 _Out = list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]
+_Tables = tuple[EmbeddingTable, EmbeddingTable, EmbeddingTable, EmbeddingTable]  # pending closed dedup parked
 Policy = Literal["at_close", "eager"]
 Late = Literal["drop", "correct"]
 _COUNTS = ("impressions", "actions", "samples", "duplicate_impressions", "duplicate_actions",
@@ -180,7 +186,7 @@ class SampleJoin:
         self.counts: dict[str, int] = dict.fromkeys(_COUNTS, 0)
         self._clock = _Clock()
         self._closed_now: list[tuple[np.ndarray, np.ndarray]] = []
-        self._tables: tuple[EmbeddingTable, EmbeddingTable, EmbeddingTable] | None = None
+        self._tables: _Tables | None = None
         self._base = 0  # the tables' tick 0 is tick ``_base`` of the epoch (one before the first watermark)
         self.sequences: SequenceStore
         self._seed = np.uint64(config.hash_seed)
@@ -211,7 +217,8 @@ class SampleJoin:
 
     def _open(self, root: Path) -> None:
         self._tables = (self._table(root / "pending", self._on_close), self._table(root / "closed"),
-                        self._table(root / "dedup", dim=1))
+                        self._table(root / "dedup", dim=1), self._table(root / "parked", self._on_unclaimed,
+                                                                        dim=_PDIM))
         self.sequences = SequenceStore.open(root / "sequences")
         meta = json.loads((root / "join.json").read_text())
         self._base = int(meta["base"])
@@ -221,13 +228,14 @@ class SampleJoin:
                               field="join.store_dir")
         self.counts.update(meta["counts"])
 
-    def _ensure_tables(self, watermark_ms: int) -> tuple[EmbeddingTable, EmbeddingTable, EmbeddingTable]:
+    def _ensure_tables(self, watermark_ms: int) -> _Tables:
         if self._tables is None:
             # Tick 0 of the tables (their epoch: the clock reads 0 at creation) is one tick before the
             # first watermark, so every row's expiry, past that watermark, is >= 1 and 0 still means never.
             self._base = watermark_ms // self.config.close_tick_ms - 1
             self._clock.ticks = 0
-            self._tables = (self._table(None, self._on_close), self._table(None), self._table(None, dim=1))
+            self._tables = (self._table(None, self._on_close), self._table(None), self._table(None, dim=1),
+                            self._table(None, self._on_unclaimed, dim=_PDIM))
         return self._tables
 
     def snapshot(self, root: str | os.PathLike[str]) -> None:
@@ -240,7 +248,7 @@ class SampleJoin:
         r = Path(root)
         r.mkdir(parents=True, exist_ok=True)
         if self._tables is not None:  # else nothing seen yet: the state is "empty"
-            for name, t in zip(("pending", "closed", "dedup"), self._tables, strict=True):
+            for name, t in zip(("pending", "closed", "dedup", "parked"), self._tables, strict=True):
                 t.snapshot(r / name)
             self.sequences.snapshot(r / "sequences")
         meta = {"base": self._base, "close_tick_ms": self.config.close_tick_ms,
@@ -249,7 +257,7 @@ class SampleJoin:
 
     @property
     def pending(self) -> int:
-        """Rows in the pending table (impressions waiting, and pairs holding parked actions)."""
+        """Impressions waiting for their window to close."""
         return len(self._tables[0]) if self._tables is not None else 0
 
     def pending_bytes(self) -> int:
@@ -263,6 +271,10 @@ class SampleJoin:
     def _on_close(self, keys: np.ndarray, rows: np.ndarray, reason: str) -> None:
         if reason == "expired":
             self._closed_now.append((keys, rows))
+
+    def _on_unclaimed(self, keys: np.ndarray, rows: np.ndarray, reason: str) -> None:
+        if reason == "expired":
+            self.counts["parked_unmatched"] += int(rows[:, _NPARK].sum())
 
     # -- keys ---------------------------------------------------------------------
 
@@ -298,19 +310,19 @@ class SampleJoin:
             of closed impressions; ``emit_ts_ms`` is ``watermark_ms``.
         """
         wm = int(watermark_ms)
-        pending, closed, dedup = self._ensure_tables(wm)
+        pending, closed, dedup, parked = self._ensure_tables(wm)
         out: _Out = []
         self._clock.ticks = 0  # updates: nothing expires
-        replay = self._impressions(impressions, wm, pending) if impressions is not None else None
+        replay = self._impressions(impressions, wm, pending, parked) if impressions is not None else None
         acts = self._new_actions(actions, wm, dedup) if actions is not None else None
         if replay is not None or acts is not None:
-            self._actions(_concat_actions(replay, acts), pending, closed, out)
-        self._close(wm, pending, closed, dedup, out)
+            self._actions(_concat_actions(replay, acts), pending, closed, parked, out)
+        self._close(wm, out)
         batch = self._samples(out, wm)
         self.counts["samples"] += batch.num_rows
         return batch
 
-    def _impressions(self, imps: pa.RecordBatch, wm: int, pending: EmbeddingTable
+    def _impressions(self, imps: pa.RecordBatch, wm: int, pending: EmbeddingTable, parked_t: EmbeddingTable
                      ) -> tuple[np.ndarray, ...] | None:
         """Insert new impressions; return the actions parked for them (to apply as if new)."""
         n = imps.num_rows
@@ -329,17 +341,18 @@ class SampleJoin:
         keep &= on_time
         idx = np.flatnonzero(keep)
         keys = keys[idx]
-        have, found = pending.find(keys)
-        present = found & (have[:, _FLAGS] == 1)
-        if present.any():
-            self.counts["duplicate_impressions"] += int(np.count_nonzero(present))
-        parked = found & ~present
-        clash = parked & ((have[:, _REQ] != col["request_id"][idx]) | (have[:, _ITEM] != col["item_id"][idx]))
-        self.counts["key_collisions"] += int(np.count_nonzero(clash))
-        new = ~present & ~clash
-        idx, keys, have, parked = idx[new], keys[new], have[new], parked[new]
+        present = pending.contains(keys)
+        self.counts["duplicate_impressions"] += int(np.count_nonzero(present))
+        idx, keys = idx[~present], keys[~present]
         if idx.size == 0:
             return None
+        have, parked = parked_t.find(keys)
+        clash = parked & ((have[:, _REQ] != col["request_id"][idx])
+                          | (have[:, _PITEM] != col["item_id"][idx]))
+        if clash.any():
+            self.counts["key_collisions"] += int(np.count_nonzero(clash))
+            keep = ~clash
+            idx, keys, have, parked = idx[keep], keys[keep], have[keep], parked[keep]
         rows = np.zeros((idx.size, _DIM))
         for c, name in ((_REQ, "request_id"), (_USER, "user_id"), (_ITEM, "item_id"), (_TS, "ts_ms"),
                         (_POS, "position"), (_CAT, "category"), (_DEV, "device"), (_HOUR, "hour")):
@@ -347,11 +360,11 @@ class SampleJoin:
         for c, name in ((_GTC, "gt_click"), (_GTL, "gt_like"), (_GTF, "gt_finish")):
             g = col[name][idx].astype(np.float64)
             rows[:, c] = np.where(np.isfinite(g), g, _NO_GT)
-        rows[:, _FLAGS] = 1
         rows[:, _ELAB] = -1
         pending.insert_or_assign(keys, rows, ttl_s=self._ticks(ts[idx] + self._W))
         if not parked.any():
             return None
+        parked_t.erase(keys[parked])  # claimed
         # The parked actions of the claimed rows, as a flat action list (apply order: slot order).
         p = have[parked]
         n_p = p[:, _NPARK].astype(np.int64)
@@ -361,8 +374,8 @@ class SampleJoin:
         code = p[:, _PARK::3][use].astype(np.int64)
         t = p[:, _PARK + 1::3][use].astype(np.int64)
         v = p[:, _PARK + 2::3][use]
-        r = p[which]
-        return (keys[parked][which], code, t, v, rows[parked][which][:, _USER].astype(np.int64),
+        r = rows[parked][which]
+        return (keys[parked][which], code, t, v, r[:, _USER].astype(np.int64),
                 r[:, _REQ].astype(np.int64), r[:, _ITEM].astype(np.int64))
 
     def _new_actions(self, acts: pa.RecordBatch, wm: int, dedup: EmbeddingTable
@@ -398,13 +411,13 @@ class SampleJoin:
         return pair[idx], code[idx], ts[idx], val[idx], user[idx], req[idx], item[idx]
 
     def _actions(self, a: tuple[np.ndarray, ...], pending: EmbeddingTable, closed: EmbeddingTable,
-                 out: _Out) -> None:
+                 parked: EmbeddingTable, out: _Out) -> None:
         """Apply actions to pending rows (labels, late bits, eager samples), to closed rows, or park them."""
         pair, code, ts, val, req, item = a[0], a[1], a[2], a[3], a[5], a[6]
         ukeys, inv = np.unique(pair, return_inverse=True)
         rows, found = pending.find(ukeys)
         bit = (1 << (code - 1)).astype(np.int64)
-        imp = found & (rows[:, _FLAGS] == 1)
+        imp = found
         # A key whose row belongs to another pair (a 64-bit collision) drops the action, counted.
         bad = found[inv] & ((rows[inv, _REQ] != req) | (rows[inv, _ITEM] != item))
         if bad.any():
@@ -441,7 +454,7 @@ class SampleJoin:
         rest = ~on_imp & ok
         if rest.any():
             self._closed_or_park(pair[rest], code[rest], ts[rest], val[rest], req[rest], item[rest],
-                                 found[inv[rest]], pending, closed, out)
+                                 parked, closed, out)
 
     def _eager(self, rows: np.ndarray, touched: np.ndarray,
                out: _Out) -> None:
@@ -458,37 +471,28 @@ class SampleJoin:
         rows[emitted, _EWATCH] = rows[emitted, _WATCH]
 
     def _closed_or_park(self, pair: np.ndarray, code: np.ndarray, ts: np.ndarray, val: np.ndarray,
-                        req: np.ndarray, item: np.ndarray, parked_row: np.ndarray, pending: EmbeddingTable,
-                        closed: EmbeddingTable, out: _Out) -> None:
-        """Actions with no pending impression: a late correction of a closed one, or parked.
-
-        ``parked_row``: the pair's pending row exists but only parks actions (park with them).
-        """
+                        req: np.ndarray, item: np.ndarray, parked: EmbeddingTable, closed: EmbeddingTable,
+                        out: _Out) -> None:
+        """Actions with no pending impression: a late correction of a closed one, or parked."""
         bit = (1 << (code - 1)).astype(np.int64)
-        ck, cinv = np.unique(pair[~parked_row], return_inverse=True)
+        ck, cinv = np.unique(pair, return_inverse=True)
         crow, cfound = closed.find(ck)
-        cbad = cfound[cinv] & ((crow[cinv, _REQ] != req[~parked_row])
-                               | (crow[cinv, _ITEM] != item[~parked_row]))
-        if cbad.any():
-            self.counts["key_collisions"] += int(np.count_nonzero(cbad))
-        is_closed = np.zeros(pair.size, dtype=bool)
-        is_closed[np.flatnonzero(~parked_row)] = cfound[cinv] & ~cbad
-        drop = np.zeros(pair.size, dtype=bool)
-        drop[np.flatnonzero(~parked_row)] = cbad
+        drop = cfound[cinv] & ((crow[cinv, _REQ] != req) | (crow[cinv, _ITEM] != item))  # a collision
+        if drop.any():
+            self.counts["key_collisions"] += int(np.count_nonzero(drop))
+        is_closed = cfound[cinv] & ~drop
         if is_closed.any():
+            n = int(np.count_nonzero(is_closed))
             if self.config.late == "drop":
-                self.counts["late_actions_dropped"] += int(np.count_nonzero(is_closed))
+                self.counts["late_actions_dropped"] += n
             else:
-                self.counts["late_corrections"] += int(np.count_nonzero(is_closed))
-                sub = np.flatnonzero(~parked_row)
-                sel = cfound[cinv] & ~cbad
-                u = cinv[sel]
+                self.counts["late_corrections"] += n
+                u = cinv[is_closed]
                 lab = crow[:, _LAB].astype(np.int64)
-                before = lab.copy()
-                w_before = crow[:, _WATCH].copy()
-                np.bitwise_or.at(lab, u, bit[sub[sel]])
+                before, w_before = lab.copy(), crow[:, _WATCH].copy()
+                np.bitwise_or.at(lab, u, bit[is_closed])
                 crow[:, _LAB] = lab
-                np.add.at(crow[:, _WATCH], u, val[sub[sel]])
+                np.add.at(crow[:, _WATCH], u, val[is_closed])
                 changed = cfound & ((lab != before) | (crow[:, _WATCH] != w_before))
                 if changed.any():
                     r = crow[changed]
@@ -498,19 +502,26 @@ class SampleJoin:
                                   ttl_s=self._ticks(crow[t, _TS].astype(np.int64) + self._W + self._H))
         park = ~is_closed & ~drop
         if park.any():
-            self._park(pair[park], code[park], ts[park], val[park], req[park], item[park], pending)
+            self._park(pair[park], code[park], ts[park], val[park], req[park], item[park], parked)
 
     def _park(self, pair: np.ndarray, code: np.ndarray, ts: np.ndarray, val: np.ndarray, req: np.ndarray,
-              item: np.ndarray, pending: EmbeddingTable) -> None:
+              item: np.ndarray, parked: EmbeddingTable) -> None:
         """Keep actions that came before their impression in the pair's row, in arrival order."""
         o = np.argsort(pair, kind="stable")
         pair, code, ts, val, req, item = pair[o], code[o], ts[o], val[o], req[o], item[o]
         ukeys, first, inv = np.unique(pair, return_index=True, return_inverse=True)
-        rows, found = pending.find(ukeys)
+        rows, found = parked.find(ukeys)
+        bad = found & ((rows[:, _REQ] != req[first]) | (rows[:, _PITEM] != item[first]))
+        if bad.any():  # another pair's row under this key: these actions go, counted
+            self.counts["key_collisions"] += int(np.count_nonzero(bad[inv]))
+            keep = ~bad[inv]
+            if not keep.any():
+                return
+            self._park(pair[keep], code[keep], ts[keep], val[keep], req[keep], item[keep], parked)
+            return
         rows[~found] = 0
         rows[~found, _REQ] = req[first[~found]]
-        rows[~found, _ITEM] = item[first[~found]]
-        rows[~found, _ELAB] = -1
+        rows[~found, _PITEM] = item[first[~found]]
         rank = np.arange(pair.size) - first[inv]
         slot = rows[inv, _NPARK].astype(np.int64) + rank
         fits = slot < _PARK_SLOTS
@@ -525,27 +536,22 @@ class SampleJoin:
         last = np.maximum.reduceat(np.where(fits, ts, 0), first)  # an overflowed action extends nothing
         prev = np.where(found, rows[:, _PARK + 1::3].max(axis=1), 0)
         until = np.maximum(last, prev.astype(np.int64)) + self._W
-        pending.insert_or_assign(ukeys, rows, ttl_s=self._ticks(until))
+        parked.insert_or_assign(ukeys, rows, ttl_s=self._ticks(until))
 
-    def _close(self, wm: int, pending: EmbeddingTable, closed: EmbeddingTable, dedup: EmbeddingTable,
-               out: _Out) -> None:
+    def _close(self, wm: int, out: _Out) -> None:
         """Advance the tables' clock to the watermark; emit the windows ``on_evict`` reports closed."""
+        assert self._tables is not None
+        closed = self._tables[1]
         self._clock.ticks = max(wm // self.config.close_tick_ms - self._base, 0)
         self._closed_now.clear()
-        pending.expire()
-        closed.expire()
-        dedup.expire()
+        for t in self._tables:
+            t.expire()
         self._clock.ticks = 0
         if not self._closed_now:
             return
         keys = np.concatenate([k for k, _ in self._closed_now])
         rows = np.concatenate([r for _, r in self._closed_now])
         self._closed_now.clear()
-        imp = rows[:, _FLAGS] == 1
-        self.counts["parked_unmatched"] += int(rows[~imp, _NPARK].sum())
-        keys, rows = keys[imp], rows[imp]
-        if not rows.shape[0]:
-            return
         final = rows[:, _ELAB] < 0
         if final.any():
             r = rows[final]

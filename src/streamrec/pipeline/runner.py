@@ -66,7 +66,8 @@ class PipelineConfig:
     Attributes:
         source: ``"generate"`` (default: the traffic generator in-process, ``generator`` and ``events``)
             or ``"parquet"`` (``impressions`` and ``actions``: a Parquet file or a directory of them,
-            read in name order, rows in arrival order).
+            read in name order, rows in arrival order, as ``write_events`` writes them; not validated:
+            ``read_events``' sources, with dead letters, JSONL/CSV and tail mode, are not wired in yet).
         impressions, actions: paths for ``source = "parquet"``.
         events: events the generator draws (default 1,000,000).
         generator: the ``GeneratorConfig`` (TOML table ``[generator]``).
@@ -525,7 +526,7 @@ class EmbeddedRunner:
             while True:
                 if max_batches is not None and done_batches >= max_batches:
                     self._checkpoint()
-                    return self.stats
+                    return self.stats  # subscribers end here too (finally)
                 for s in (0, 1):  # every live stream shows its head, so the next cut is known
                     while not streams.done[s] and not streams.buf[s]:
                         streams.pull(s)
@@ -560,7 +561,7 @@ class EmbeddedRunner:
             streams.close()
             progress.close()
             self.stats.seconds += time.perf_counter() - t_start
-        self._close_subs()
+            self._close_subs()  # also when the run fails: a subscriber must not wait for ever
         return self.stats
 
     def _step(self, imps: pa.RecordBatch | None, acts: pa.RecordBatch | None, wm: int) -> None:
