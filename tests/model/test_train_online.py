@@ -69,3 +69,10 @@ def test_event_to_update_latency_probe() -> None:
                         events=3000, history_len=100)
     assert r["eager_samples"] > 50 and r["samples"] >= r["eager_samples"] and r["steps"] > 5
     assert 0 < r["p50_s"] <= r["p99_s"] <= r["max_s"] and r["wait_max_s"] == 0.1
+
+
+def test_a_failed_pipeline_is_raised_not_waited_for(tmp_path: Path) -> None:
+    pcfg = PipelineConfig(source="parquet", impressions=str(tmp_path / "none.parquet"),
+                          actions=str(tmp_path / "none2.parquet"), output=str(tmp_path / "s"), progress=False)
+    with pytest.raises(FileNotFoundError):
+        train_online(pcfg, lambda b: make_model("mean", _MODEL.for_batch(b)))

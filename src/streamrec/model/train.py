@@ -470,10 +470,8 @@ def train_online(pipeline: PipelineConfig, make: Callable[[RequestBatch], tuple[
     def run() -> None:
         try:
             runner.run()
-        except BaseException as exc:  # handed to the caller below
+        except BaseException as exc:  # handed to the caller below (run() ends the subscription)
             failed.append(exc)
-            # run() ends subscriptions only when it returns; without this the loop below waits forever
-            runner._close_subs()
 
     thread = threading.Thread(target=run, name="pipeline", daemon=True)
     thread.start()
