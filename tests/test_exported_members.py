@@ -74,8 +74,9 @@ EXPECTED = {
     ],
     "streamrec.transport": ["Connection", "Endpoint", "Flag", "Frame", "Kind", "Status"],
     "streamrec.ps": ["PSClient", "StorageServer"],
-    "streamrec.model": ["DIN", "MeanPool", "ModelConfig", "Popularity", "RequestBatch", "SASRec", "STCA",
-                        "StoreEmbedding"],
+    "streamrec.model": ["Checkpoint", "DIN", "MeanPool", "ModelConfig", "Popularity", "ProgressiveMetrics",
+                        "RequestBatch", "SASRec", "STCA", "StoreEmbedding", "TrainConfig", "Trainer",
+                        "load_current", "publish"],
     "streamrec.serving": ["ModelRunner", "RankRequest", "ServeConfig", "Server", "VersionWatcher"],
     "streamrec.store": [
         "EmbeddingTable",
