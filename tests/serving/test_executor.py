@@ -106,3 +106,27 @@ def test_history_cache_is_a_byte_bounded_lru(ops: list[tuple[str, int, int, int]
             assert cache.get(user, 1, key, 11) is None  # outside the window of the same events
         assert cache.bytes == sum(b for _, b in ref.values()) <= cache.max_bytes
     assert cache.stats.hits == hits
+
+
+def test_extend_reuses_the_old_events_and_equals_a_fresh_encoding() -> None:
+    rng = np.random.default_rng(3)
+    r = ModelRunner(small_model(), 1)
+    n = 120
+    cols: list[np.ndarray] = [rng.integers(0, 10**6, n + 30), rng.integers(1, 7, n + 30),
+                              np.sort(NOW_MS - rng.integers(1, 10**9, n + 30)),
+                              (rng.random(n + 30) * 9).astype(np.float32)]
+    old = r.encode(cols[0][:n], cols[1][:n], cols[2][:n], cols[3][:n], NOW_MS)
+    later = NOW_MS + 3 * 3_600_000
+    for d, k in ((0, 0), (0, 30), (25, 30), (40, 0)):  # d oldest dropped, k new appended
+        new = [c[d:n + k] for c in cols]
+        got = r.extend(old, new[0], new[1], new[2], new[3], later)
+        assert got is not None
+        enc, reused = got
+        assert reused == n - d
+        fresh = r.encode(new[0], new[1], new[2], new[3], later)
+        for a, b in zip(enc.kv, fresh.kv, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(enc.buckets, fresh.buckets)
+    edited = [c[:n].copy() for c in cols]
+    edited[3][60] += 1.0  # an event in the middle differs: nothing lines up
+    assert r.extend(old, edited[0], edited[1], edited[2], edited[3], later) is None

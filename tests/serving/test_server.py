@@ -99,8 +99,10 @@ def test_history_cache_hits_and_sees_new_events(store: SequenceStore) -> None:
         np.testing.assert_allclose(later, want,
                                    rtol=1e-4, atol=1e-6)
         store.append([2], [77], [1], [NOW_MS + 1000], extras={"value": [1.0]})
-        after = ask(NOW_MS + 7_200_000)  # the new event changes the fingerprint: a miss, encoded again
+        encoded = s.pre.encoded_events
+        after = ask(NOW_MS + 7_200_000)  # the new event changes the fingerprint: a miss...
         assert s.cache.stats.hits == 1
+        assert s.pre.encoded_events - encoded <= 1 + 40 // 2  # ...the old events reused (buckets moved)
         want = direct_scores(model, store, 2, np.array(items), now_ms=NOW_MS + 7_200_000)
         np.testing.assert_allclose(after, want,
                                    rtol=1e-4, atol=1e-6)

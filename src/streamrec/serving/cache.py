@@ -93,6 +93,13 @@ class HistoryCache:
             self.stats.hits += 1
             return e.encoded
 
+    def peek(self, user: int, version: int) -> Encoded | None:
+        """Whatever encoding is held for ``user``, current or not (not counted as a lookup): what a
+        changed history can be encoded incrementally from (``ModelRunner.extend``)."""
+        with self._lock:
+            e = self._lru.get((user, version))
+        return e.encoded if e is not None else None
+
     def put(self, user: int, version: int, fingerprint: Fingerprint, encoded: Encoded,
             window: tuple[int, int]) -> None:
         """Keep ``encoded`` for ``user`` (replacing any entry); evicts the oldest past ``max_bytes``.

@@ -175,6 +175,39 @@ class ModelRunner:
         fresh = Encoded(enc.items, enc.actions, enc.ts_ms, enc.values, b, kv, request_ts_ms)
         return fresh, int(moved.shape[0])
 
+    def extend(self, prev: Encoded, items: np.ndarray, actions: np.ndarray, ts_ms: np.ndarray,
+               values: np.ndarray, request_ts_ms: int) -> tuple[Encoded, int] | None:
+        """The encoding of a history whose oldest events are ``prev``'s newest ones, reusing them.
+
+        A user's history moves by appending (and, past the window, dropping the oldest), so the
+        new history is ``prev[d:] + new events`` for some d. Those reused events keep their
+        tokens (time buckets refreshed); only the new ones are encoded. Returns the encoding and
+        how many events were reused, or None when the histories do not line up that way.
+        """
+        n_old, n = prev.length, int(items.shape[0])
+        if n_old == 0 or n == 0:
+            return None
+        old: list[np.ndarray] = [prev.items.numpy(), prev.actions.numpy(), prev.ts_ms.numpy(),
+                                 prev.values.numpy()]
+        new: list[np.ndarray] = [np.asarray(items, np.int64), np.asarray(actions, np.int64),
+                                 np.asarray(ts_ms, np.int64), np.asarray(values, np.float32)]
+        starts = np.flatnonzero((old[2] == new[2][0]) & (old[0] == new[0][0]))
+        for d in starts[:4].tolist():  # a repeated (time, item) at the start is rare: a few tries
+            k = n_old - d
+            if k > n or not all(np.array_equal(o[d:], x[:k]) for o, x in zip(old, new, strict=True)):
+                continue
+            cur, _ = self.refresh(prev, request_ts_ms)
+            if k == n:
+                kv = tuple(t[d:] for t in cur.kv)
+                buckets = cur.buckets[d:]
+            else:
+                tail = self.encode(new[0][k:], new[1][k:], new[2][k:], new[3][k:], request_ts_ms)
+                kv = tuple(torch.cat([a[d:], b]) for a, b in zip(cur.kv, tail.kv, strict=True))
+                buckets = torch.cat([cur.buckets[d:], tail.buckets])
+            cols = [torch.from_numpy(np.ascontiguousarray(x)) for x in new]
+            return Encoded(cols[0], cols[1], cols[2], cols[3], buckets, kv, request_ts_ms), k
+        return None
+
     # -- scoring ------------------------------------------------------------------------
 
     def score(self, batch: RequestBatch, encoded: Sequence[Encoded] | None = None) -> torch.Tensor:

@@ -8,6 +8,10 @@ Stages (``streamrec_serving_stage_seconds{stage=...}``): ``queue`` (admitted -> 
 starts), ``preprocess`` (features and history), ``batch_wait`` (prepared -> its batch starts),
 ``model`` (the model call of its batch), ``response`` (encoding the answer), and ``total``.
 
+Caches (``streamrec_serving_cache_hit_rate{cache=...}``): ``history`` (requests whose encoded
+history was current), ``history_events`` (history events served from a cached encoding, whole or
+extended, over all events requests needed), ``embedding_items`` and ``embedding_users``.
+
 Thread safety: prometheus_client's metrics lock themselves; record from any thread. Cache hit
 rates are read from the caches when scraped.
 """

@@ -23,6 +23,7 @@ Thread safety: ``prepare`` runs in many worker threads at once; the stores are r
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -129,7 +130,9 @@ class Preprocessor:
         self.cache = cache
         self.value_field = value_field
         self.sparse_columns, self.dense_columns = feature_columns(features)
-        self.encoded_events = 0
+        self.encoded_events = 0  # history events run through the encoder
+        self.reused_events = 0  # history events whose cached encoding served a request
+        self._lock = threading.Lock()
 
     # -- one request ----------------------------------------------------------------------
 
@@ -238,13 +241,23 @@ class Preprocessor:
             hit = cache.get(user, runner.version, fp, now_ms)
             if hit is not None:
                 enc, moved = runner.refresh(hit, now_ms)
-                self.encoded_events += moved
+                with self._lock:
+                    self.encoded_events += moved
+                    self.reused_events += enc.length - moved
                 if moved:
                     cache.replace(user, runner.version, fp, enc)
                 return enc
         hist, window = self._read(user, now_ms)
-        enc = runner.encode(hist.items, hist.actions, hist.ts_ms, hist.values, now_ms)
-        self.encoded_events += hist.length
+        prev = cache.peek(user, runner.version) if cache is not None else None
+        grown = (runner.extend(prev, hist.items, hist.actions, hist.ts_ms, hist.values, now_ms)
+                 if prev is not None else None)
+        if grown is not None:
+            enc, reused = grown
+        else:
+            enc, reused = runner.encode(hist.items, hist.actions, hist.ts_ms, hist.values, now_ms), 0
+        with self._lock:
+            self.encoded_events += hist.length - reused
+            self.reused_events += reused
         if cache is not None and fp is not None:
             cache.put(user, runner.version, fp, enc, window)
         return enc

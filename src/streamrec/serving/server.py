@@ -125,6 +125,9 @@ class Server:
         if self.features is not None and self.stores is None:
             self.stores = self.features.make_stores()
         self.pre = Preprocessor(self.features, self.stores, max_history=config.max_history, cache=self.cache)
+        pre = self.pre
+        self.metrics.watch_cache("history_events", lambda: (pre.reused_events,
+                                                            pre.reused_events + pre.encoded_events))
         self.orchestrator = Orchestrator(config, self.pre, self.slot, self.metrics)
         self.app = build_app(config, self.orchestrator)
         self._uvicorn: uvicorn.Server | None = None
