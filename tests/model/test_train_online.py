@@ -5,6 +5,7 @@ generator's best achievable (which would mean a leak)."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 import pytest
 import torch
@@ -25,7 +26,7 @@ _MODEL = ModelConfig(dim=16, heads=2, layers=1, mlp=(32,), item_buckets=1 << 12,
                      sparse_buckets=1 << 12, category_buckets=64)
 
 
-def _run(tmp: Path, policy: str, model_dir: Path | None = None) -> StreamReport:
+def _run(tmp: Path, policy: Literal["at_close", "eager"], model_dir: Path | None = None) -> StreamReport:
     pcfg = PipelineConfig(events=30_000, generator=_GEN, features="default", output=str(tmp / "samples"),
                           join=JoinConfig(window_s=30, policy=policy, huge_pages=False, capacity=4096),
                           batch_ms=1000, progress=False)
