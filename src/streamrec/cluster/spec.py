@@ -28,6 +28,8 @@ The file (every key shown; ``#`` says the default and why)::
     metrics_port = 7401        # default 0: no metrics/health HTTP server
     data_dir = ""              # default "": /dev/shm/streamrec/<cluster>/<node> (memory-backed,
                                #   so co-located readers can map table files without disk I/O)
+    raft_port = 7501           # default 0: none. Base of the node's Raft ports (strong mode): its
+                               #   k-th strong shard (``ClusterSpec.raft_address``) uses raft_port + k
 
     [[table]]                  # one per embedding table; at least one
     name = "emb"               # required; unique
@@ -48,6 +50,17 @@ The file (every key shown; ``#`` says the default and why)::
     ring_mb = 64               # default 64: MiB of committed updates each writable replica keeps for
                                #   its fan-out children (only when ``serving`` is non-empty); a child
                                #   further behind re-syncs from an export
+    mode = "strong"            # "client" or "strong" (Raft-ordered writes, ps/raftlog.py). Default:
+                               #   "strong" when every shard has 3 or more writable replicas, the
+                               #   table has no serving members and every holder names a raft_port;
+                               #   else "client" (a group of 2 cannot stay writable through one
+                               #   failure under Raft). "strong" needs all three (fan-out from a
+                               #   Raft group is not wired yet)
+    max_staleness_s = 1.0      # default 1.0 (strong): a follower serves a plain read only if it held
+                               #   everything the leader had committed at most this long ago
+    election_timeout_s = [0.4, 1.4]  # default pysyncobj's (strong): min, max of the randomised
+                               #   election timeout; heartbeats every min / 4 (at most 0.1 s).
+                               #   Raise it on a loaded host, or leaders flap
 
 Rules: serving nodes of a table hold no writable replica of it and are left out
 of its placement (default or given). Each zone (of the other nodes) holds a full
@@ -102,8 +115,11 @@ _HOST_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9\-]{0,61}[A-Za-z0-9])?"
 _HOSTNAME = re.compile(rf"(?=.{{1,253}}$){_HOST_LABEL}(?:\.{_HOST_LABEL})*\.?")
 
 _CLUSTER_KEYS = ("max_frame_mb", "name", "request_timeout_s")
-_NODE_KEYS = ("data_dir", "host", "metrics_port", "name", "pod", "port", "zone")
-_TABLE_SPEC_KEYS = ("fanout", "name", "placement", "replicas_per_zone", "ring_mb", "serving", "shards")
+_NODE_KEYS = ("data_dir", "host", "metrics_port", "name", "pod", "port", "raft_port", "zone")
+_TABLE_SPEC_KEYS = ("election_timeout_s", "fanout", "max_staleness_s", "mode", "name", "placement",
+                    "replicas_per_zone", "ring_mb", "serving", "shards")
+MODES = ("client", "strong")
+DEFAULT_ELECTION_TIMEOUT_S = (0.4, 1.4)  # pysyncobj's raftMinTimeout, raftMaxTimeout
 DEFAULT_FANOUT = 4
 DEFAULT_RING_BYTES = 64 << 20
 _TABLE_CONFIG_KEYS = tuple(sorted({f.name for f in dataclasses.fields(TableConfig)} | {"adagrad", "adam"}))
@@ -125,6 +141,10 @@ class NodeSpec:
         metrics_port: port of the metrics/health HTTP server; 0 (default) = none.
         data_dir: where the node keeps table files; ``""`` (default) =
             ``/dev/shm/streamrec/<cluster>/<node>`` (see ``ClusterSpec.data_dir``).
+        raft_port: base of the node's Raft ports, one per strong shard it holds
+            (``ClusterSpec.raft_address``); 0 (default) = none: it can hold no
+            strong shard. Given explicitly, never derived, so no port is taken
+            that the operator did not name.
 
     Raises:
         ConfigError: a value is out of range; ``field`` is ``node.<attribute>``.
@@ -142,6 +162,7 @@ class NodeSpec:
     pod: str = ""
     metrics_port: int = 0
     data_dir: str = ""
+    raft_port: int = 0
 
     def __post_init__(self) -> None:
         _check_name(self.name, "node.name")
@@ -157,6 +178,9 @@ class NodeSpec:
             raise ConfigError(f"{self.metrics_port} is also the node's RPC port", field="node.metrics_port")
         if not isinstance(self.data_dir, str):
             raise ConfigError(f"must be a string, got {self.data_dir!r}", field="node.data_dir")
+        _check_int(self.raft_port, 0, 65535, "node.raft_port")
+        if self.raft_port and self.raft_port in (self.port, self.metrics_port):
+            raise ConfigError(f"{self.raft_port} is also another port of the node", field="node.raft_port")
 
     @property
     def address(self) -> str:
@@ -180,6 +204,13 @@ class TableSpec:
         fanout: children per node of the fan-out tree, 1..1024 (default 4).
         ring_bytes: committed updates a writable replica keeps for its fan-out
             children, bytes (default 64 MiB; ``ring_mb`` in the file).
+        mode: ``"client"`` (the client writes every replica) or ``"strong"``
+            (each shard's group orders writes through Raft); ``None`` (default)
+            resolves as the module docstring says; ``ClusterSpec.mode`` gives it.
+        max_staleness_s: strong mode: the staleness bound of a follower's reads
+            (default 1.0 s).
+        election_timeout_s: strong mode: (min, max) election timeout, seconds
+            (default pysyncobj's (0.4, 1.4)).
 
     Raises:
         ConfigError: a value is out of range; ``field`` is ``table.<attribute>``.
@@ -193,9 +224,22 @@ class TableSpec:
     serving: tuple[str, ...] = ()
     fanout: int = DEFAULT_FANOUT
     ring_bytes: int = DEFAULT_RING_BYTES
+    mode: str | None = None
+    max_staleness_s: float = 1.0
+    election_timeout_s: tuple[float, float] = DEFAULT_ELECTION_TIMEOUT_S
 
     def __post_init__(self) -> None:
         _check_name(self.name, "table.name")
+        if self.mode is not None and self.mode not in MODES:
+            raise ConfigError(f"must be one of {', '.join(MODES)}, got {self.mode!r}", field="table.mode")
+        _check_positive(self.max_staleness_s, "table.max_staleness_s")
+        et = self.election_timeout_s
+        if not (isinstance(et, (tuple, list)) and len(et) == 2
+                and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in et)
+                and 0 < et[0] < et[1] and math.isfinite(et[1])):
+            raise ConfigError(f"must be [min, max] seconds with 0 < min < max, got {et!r}",
+                              field="table.election_timeout_s")
+        object.__setattr__(self, "election_timeout_s", (float(et[0]), float(et[1])))
         if not (isinstance(self.serving, (tuple, list)) and all(isinstance(n, str) for n in self.serving)):
             raise ConfigError(f"must be a list of node names, got {self.serving!r}", field="table.serving")
         object.__setattr__(self, "serving", tuple(self.serving))
@@ -259,6 +303,7 @@ class ClusterSpec:
     _node_by_name: dict[str, NodeSpec] = field(init=False, repr=False, compare=False)
     _table_by_name: dict[str, int] = field(init=False, repr=False, compare=False)
     _placement: tuple[tuple[tuple[str, ...], ...], ...] = field(init=False, repr=False, compare=False)
+    _modes: tuple[str, ...] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         _check_name(self.name, "cluster.name")
@@ -300,6 +345,42 @@ class ClusterSpec:
         object.__setattr__(self, "_table_by_name", tables)
         placement = tuple(self._place(t, table) for t, table in enumerate(self.tables))
         object.__setattr__(self, "_placement", placement)
+        object.__setattr__(self, "_modes", tuple(self._mode(t, table) for t, table in enumerate(self.tables)))
+        raft: dict[tuple[str, int], str] = {}
+        for node in self.nodes:
+            for k in range(len(self.strong_shards_on(node.name))):
+                port = node.raft_port + k
+                where = f"node[{by_name[node.name]}].raft_port"
+                if port > 65535:
+                    raise ConfigError(f"{node.raft_port} + {k} strong shards passes 65535", field=where)
+                if (node.host, port) in endpoints or (node.host, port) in raft:
+                    taken = endpoints.get((node.host, port)) or raft[node.host, port]
+                    raise ConfigError(f"{node.host}:{port} (Raft port of its strong shard {k}) is already "
+                                      f"taken by {taken}", field=where)
+                raft[node.host, port] = f"{where} + {k}"
+
+    def _mode(self, t: int, table: TableSpec) -> str:
+        """The table's replication mode, resolved (see the module docstring); checks strong's needs."""
+        groups = self._placement[t]
+        holders = {n for g in groups for n in g}
+        ported = all(self._node_by_name[n].raft_port for n in holders)
+        if table.mode is None:
+            return "strong" if min(map(len, groups)) >= 3 and not table.serving and ported else "client"
+        if table.mode == "strong":
+            where = f"table[{t}].mode"
+            small = min(range(len(groups)), key=lambda s: len(groups[s]))
+            if len(groups[small]) < 3:
+                raise ConfigError(f"strong mode needs 3 or more writable replicas per shard; shard {small} "
+                                  f"has {len(groups[small])} (a group of 2 cannot stay writable through one "
+                                  "failure under Raft: use mode = \"client\")", field=where)
+            if table.serving:
+                raise ConfigError("strong mode with serving (fan-out) members is not supported yet",
+                                  field=where)
+            if not ported:
+                missing = sorted(n for n in holders if not self._node_by_name[n].raft_port)
+                raise ConfigError(f"strong mode needs a raft_port on every node holding the table; missing "
+                                  f"on {', '.join(missing)}", field=where)
+        return table.mode
 
     def _place(self, t: int, table: TableSpec) -> tuple[tuple[str, ...], ...]:
         """The table's replicas per shard, each list in node order; checks the replica rules."""
@@ -425,6 +506,38 @@ class ClusterSpec:
         return [(t, s) for t, per_shard in enumerate(self._placement)
                 for s, names in enumerate(per_shard) if node in names]
 
+    def mode(self, table: str | int) -> str:
+        """The table's replication mode, ``"client"`` or ``"strong"``, its default resolved.
+
+        Raises:
+            ConfigError: unknown table.
+        """
+        return self._modes[self.table(table)[0]]
+
+    def strong_shards_on(self, node: str) -> list[tuple[int, int]]:
+        """``(table index, shard)`` pairs of strong tables that ``node`` holds, sorted: the k-th
+        one's Raft member listens on the node's ``raft_port + k``.
+
+        Raises:
+            ConfigError: unknown node.
+        """
+        return [(t, s) for t, s in self.shards_on(node) if self._modes[t] == "strong"]
+
+    def raft_address(self, node: str, table: str | int, shard: int) -> str:
+        """``host:port`` of ``node``'s Raft member for a strong shard it holds.
+
+        Raises:
+            ConfigError: unknown node or table.
+            ValueError: the node holds no strong replica of that shard.
+        """
+        t, _ = self.table(table)
+        spec = self.node(node)
+        held = self.strong_shards_on(node)
+        if (t, shard) not in held:
+            raise ValueError(f"node {node!r} holds no strong replica of table {t} shard {shard}")
+        port = spec.raft_port + held.index((t, shard))
+        return f"[{spec.host}]:{port}" if ":" in spec.host else f"{spec.host}:{port}"
+
     def data_dir(self, node: str) -> Path:
         """Where ``node`` keeps its table files: its ``data_dir``, else
         ``/dev/shm/streamrec/<cluster>/<node>``. Pure: creates nothing.
@@ -490,6 +603,11 @@ class ClusterSpec:
             if t.serving:
                 out += [f"serving = {_toml(list(t.serving))}", f"fanout = {t.fanout}",
                         f"ring_mb = {_toml(_mb(t.ring_bytes))}"]
+            if t.mode is not None:
+                out.append(f"mode = {_toml(t.mode)}")
+            if t.max_staleness_s != 1.0 or t.election_timeout_s != DEFAULT_ELECTION_TIMEOUT_S:
+                out += [f"max_staleness_s = {_toml(float(t.max_staleness_s))}",
+                        f"election_timeout_s = {_toml(list(t.election_timeout_s))}"]
             out += [f"{k} = {_toml(v)}" for k, v in raw.items()]
             for k, sub in subs.items():
                 out += [f"[table.{k}]"] + [f"{sk} = {_toml(sv)}" for sk, sv in sub.items()]

@@ -24,6 +24,16 @@ peer acknowledged) sees the gap on the next and refills from its peer
 (``ps.service``). ``assign`` returns a ``WriteAck`` naming the replicas that
 did not confirm; ``failed_replica_writes`` counts them.
 
+Strong tables (``ClusterSpec.mode`` "strong"): a write goes to the shard's
+leader only, as one call per shard; the client caches each group's leader,
+follows a ``NOT_LEADER`` reply to the node it names, and while no leader
+answers (an election, a dead or paused leader) tries the group again every
+50 ms until the call's deadline, under the same request id and sequence
+number, so a batch committed by an attempt whose reply was lost applies once.
+The write is acknowledged when the leader replies (a majority committed it).
+``find(..., consistency="linearizable")`` goes to the leader the same way;
+plain reads go to any replica within the table's staleness bound.
+
 Without a spec the client is the embedded default: it hosts the embedded
 spec's shards in its own process and calls them through the same engine.
 
@@ -55,6 +65,7 @@ from streamrec.errors import (
     TransportError,
 )
 from streamrec.ps._plan import Plan, make_plan, sum_rows
+from streamrec.ps._strong import LINEARIZABLE
 from streamrec.ps.channel import PREFERENCE, NodeLink
 from streamrec.ps.service import EXPORT_EXPIRY, FILLING, MAX_KEYS, SEQ_MOD, Service
 from streamrec.transport.base import Connection
@@ -66,6 +77,8 @@ _ATTEMPT_S = 0.5  # one attempt's patience before the next transport or replica 
 _SLICE_S = 0.02  # longest wait for replies between two checks of attempt timeouts and hedges
 _FEW_REPEATS = 64  # a one-shard read with at most 1/64 repeated keys is sent as it is (see find)
 _RECHECK = 16  # calls between two measurements of a one-shard table's repeats
+_LEADER_RETRY_S = 0.05  # strong mode: pause before asking a group again while it has no leader
+_REDIRECTS = 4  # NOT_LEADER redirects one attempt round follows (two stale members could point at each other)
 
 
 @dataclass
@@ -92,6 +105,10 @@ class WriteAck:
         missed: replicas (node names) that did not confirm it: down, paused, or too
             slow. Each refills from its peer before it serves again (it is not ready,
             or sees the gap in this client's sequence on its next write).
+
+    Strong tables: ``ready_replicas`` is the group's majority (the leader replied
+    once that many members committed the batch) and ``missed`` is empty: the
+    log brings every other member the batch.
     """
 
     ready_replicas: int
@@ -123,6 +140,8 @@ class _Call:
     hedge: _Call | None = None
     primary: _Call | None = None
     group: list[_Call] | None = None  # a write: the calls to every replica of its shard
+    redirects: int = 0  # NOT_LEADER replies followed (strong mode)
+    strong: bool = False  # to a strong shard's leader: a silent last candidate ends the round
 
     @property
     def done(self) -> bool:
@@ -187,16 +206,22 @@ class PSClient:
         self._registered: set[Any] = set()
         self._few_repeats: dict[int, tuple[int, bool]] = {}  # table -> (calls until re-measured, few?)
         self._seqs: dict[tuple[int, int], int] = {}  # (table, shard) -> the last write's sequence number
+        self.leaders: dict[tuple[int, int], str] = {}  # strong (table, shard) -> its leader, as last heard
         self.last_ack = WriteAck(0)  # what the last write reached
 
     # -- public API ------------------------------------------------------------------------
 
-    def find(self, table: str, keys: Any, *, node: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+    def find(self, table: str, keys: Any, *, node: str | None = None,
+             consistency: str = "bounded") -> tuple[np.ndarray, np.ndarray]:
         """Rows of ``keys``: ``(values (B, D), found (B,))``, zeros where absent.
 
         ``node``: read from that node's replicas only, with no failover (to verify
         replicas one by one, read-only serving replicas included); every shard the
         keys fall in must have one there.
+        ``consistency``: ``"bounded"`` (default): any ready replica; on a strong
+        table one within the table's ``max_staleness_s``. ``"linearizable"``
+        (strong tables only): the leader answers after a barrier commits, so
+        the read sees every write acknowledged before it was called.
 
         Raises:
             DeadlineExceeded, PeerUnavailable: no replica of some shard answered in time.
@@ -206,9 +231,15 @@ class PSClient:
         k = _keys(keys)
         b = k.shape[0]
         plan: Plan | None = None
+        if consistency not in ("bounded", "linearizable"):
+            raise ValueError(f"consistency: expected 'bounded' or 'linearizable', got {consistency!r}")
+        strict = consistency == "linearizable"
+        if strict and (self.spec.mode(t) != "strong" or node is not None):
+            raise ValueError(f"consistency='linearizable' needs a strong table and no node (table {table!r} "
+                             f"is {self.spec.mode(t)})")
         if node is not None:
             self.spec.node(node)  # a ConfigError for an unknown name
-        if spec.shards == 1 and b and node is None:
+        if spec.shards == 1 and b and node is None and not strict:
             # One shard: when a table's reads carry few repeats, asking for the keys as given
             # costs a few rows on the wire and saves the planning and the gather: the reply's
             # rows are in the caller's order and are returned as they arrived (measured: about
@@ -228,8 +259,8 @@ class PSClient:
             plan = self._plan(t, k)
         values = np.empty((b, spec.config.dim), dtype=np.dtype(spec.config.dtype))
         found = np.empty(b, dtype=np.bool_)
-        for sl, reply in self._fan_out(Kind.FIND, t, plan.bounds, lambda sl: [plan.keys[sl]], read=True,
-                                       node=node):
+        for sl, reply in self._fan_out(Kind.FIND, t, plan.bounds, lambda sl: [plan.keys[sl]], read=not strict,
+                                       node=node, aux=LINEARIZABLE if strict else 0):
             got, got_found = _checked(reply, 2, sl, spec.config.dim, values.dtype)
             plan.scatter(sl, got, got_found, values, found)
         return values, found
@@ -372,6 +403,7 @@ class PSClient:
         ``node``: a read from that node only.
         """
         groups: list[tuple[slice, list[_Call]]] = []
+        strong = self.spec.mode(t) == "strong"
         for s in range(self.spec.tables[t].shards):
             sl = slice(int(bounds[s]), int(bounds[s + 1]))
             if sl.start == sl.stop:
@@ -382,16 +414,24 @@ class PSClient:
                     raise ValueError(f"node {node!r} holds no replica of table {t} shard {s}")
                 frame = Frame(kind, bufs(sl), request_id=next(self._ids), table=t, shard=s, aux=aux)
                 calls = [_Call(frame, [node] if node is not None else self.router.order(replicas), read=True)]
+            elif strong and kind == Kind.FIND:  # linearizable: the leader, as a write goes
+                frame = Frame(kind, bufs(sl), request_id=next(self._ids), table=t, shard=s, aux=aux)
+                calls = [_Call(frame, self._leader_first(t, s), read=False, strong=True)]
             else:  # every replica gets the same id, so a retried write applies once per replica
                 seq = self._seqs.get((t, s), 0) % (SEQ_MOD - 1) + 1  # 1 .. SEQ_MOD - 1: 0 means none
                 self._seqs[(t, s)] = seq
                 frame = Frame(kind, bufs(sl), request_id=next(self._ids), table=t, shard=s,
                               aux=aux | seq << 1)
+                if strong:  # one call, to the leader: the group's log replicates it
+                    groups.append((sl, [_Call(frame, self._leader_first(t, s), read=False, strong=True)]))
+                    continue
                 calls = [_Call(frame, [n], read=False) for n in replicas]
                 for c in calls:
                     c.group = calls
             groups.append((sl, calls))
         self.stats.calls += 1
+        if strong and not read:
+            return self._run_strong(t, groups)
         self._run([c for _, cs in groups for c in cs])
         out = []
         fewest, missed = len(self.spec.nodes), []
@@ -414,6 +454,47 @@ class PSClient:
             out.append((sl, ready[0]))
         if not read:
             self.last_ack = WriteAck(fewest if groups else 0, tuple(missed))
+        return out
+
+    def _leader_first(self, t: int, s: int) -> list[str]:
+        """A strong shard's replicas to try, the leader last heard of first."""
+        order = self.router.order(self.spec.replicas(t, s))
+        leader = self.leaders.get((t, s))
+        return [leader, *(n for n in order if n != leader)] if leader in order else order
+
+    def _run_strong(self, t: int, groups: list[tuple[slice, list[_Call]]]) -> list[tuple[slice, Frame]]:
+        """Drive one call per shard of a strong table to its leader's reply, trying the group
+        again while no member leads (same frame: the batch applies once), within the deadline."""
+        deadline = time.monotonic() + self.timeout_s
+        todo = [cs[0] for _, cs in groups]
+        while True:
+            self._run(todo, max(deadline - time.monotonic(), 1e-3))
+            for c in todo:
+                if c.reply is not None:
+                    self.leaders[(t, c.frame.shard)] = c.node
+            again = [c for c in todo if c.error is not None and _retriable(c.error)]
+            if not again or time.monotonic() + _LEADER_RETRY_S >= deadline:
+                break
+            time.sleep(_LEADER_RETRY_S)
+            for c in again:  # a fresh attempt round: every member is a candidate again
+                c.error, c.terminal, c.conn, c.passed, c.forced = None, False, None, [], False
+                c.candidates, c.transports, c.redirects = self._leader_first(t, c.frame.shard), [], 0
+                c.frame.flags |= Flag.RETRY
+            todo = again
+        out = []
+        for sl, (c,) in groups:
+            if c.reply is None:
+                self.stats.failed_calls += 1
+                err = c.error or c.last_error or PeerUnavailable("no leader answered")
+                if _retriable(err):
+                    raise DeadlineExceeded(
+                        f"table {t} shard {c.frame.shard}: no leader acknowledged it within "
+                        f"{self.timeout_s:.3f} s (last: {err}); it may still commit",
+                        deadline_s=self.timeout_s, peer=c.node, transport=c.transport) from err
+                raise err
+            out.append((sl, c.reply))
+        if groups and groups[0][1][0].frame.kind != Kind.FIND:
+            self.last_ack = WriteAck(len(self.spec.replicas(t, groups[0][1][0].frame.shard)) // 2 + 1)
         return out
 
     def _one(self, node: str, frame: Frame, timeout_s: float | None = None) -> Frame:
@@ -476,8 +557,9 @@ class PSClient:
                 # the last option waits for the call's deadline (a slow reply beats none),
                 # except a write's copy to a replica slower than its answered siblings: that
                 # replica sees the gap in this client's sequence later and refills.
+                answered = c.group is not None and any(x.reply is not None for x in c.group)
                 if (now - c.sent_at > attempt_s and not c.read and not (c.transports or c.candidates)
-                        and c.group is not None and any(x.reply is not None for x in c.group)):
+                        and (c.strong or answered)):
                     self._leave(c, ok=False)
                     self._settle(c, None, DeadlineExceeded(
                         f"no reply in {attempt_s:.3f} s", deadline_s=attempt_s, peer=c.node,
@@ -640,6 +722,14 @@ class PSClient:
             if not self._next_node(c, pending, one_sided, deadline):
                 self._settle(c, None, err, pending)
             return
+        if status == Status.NOT_LEADER:  # strong: go where it points (else on to the next member)
+            leader = reply.text()
+            if leader and leader != c.node and leader in self.spec.replicas(c.frame.table, c.frame.shard):
+                self.leaders[(c.frame.table, c.frame.shard)] = leader
+                if c.redirects < _REDIRECTS:
+                    c.redirects += 1
+                    c.candidates = [leader, *(n for n in c.candidates if n != leader)]
+                    c.forced = True  # its link may be held back after an attempt that timed out
         if status.retriable:  # it cannot serve now (filling, overloaded): its other transports would not help
             _unpend(c, pending)
             c.conn, c.last_error = None, err

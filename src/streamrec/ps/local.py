@@ -43,17 +43,23 @@ def free_port() -> int:
 def loopback_spec(name: str, *, zones: int = 2, nodes_per_zone: int = 2, shards: int = 2, dim: int = 64,
                   optimizer: str = "adagrad", replicas_per_zone: int = 1, metrics: bool = True,
                   data_root: str | os.PathLike[str] | None = None, table: str = "emb", serving: int = 0,
-                  fanout: int = 4, ring_bytes: int = 64 << 20) -> ClusterSpec:
+                  fanout: int = 4, ring_bytes: int = 64 << 20, mode: str | None = None,
+                  election_timeout_s: tuple[float, float] = (0.4, 1.4),
+                  max_staleness_s: float = 1.0) -> ClusterSpec:
     """A spec of ``zones`` zones of ``nodes_per_zone`` nodes each (one pod per node), on free ports.
 
     Nodes are named ``z<zone>n<node>`` (``z1n1``, ``z1n2``, ``z2n1`` ...); their data
     directories sit under ``data_root`` (default ``/dev/shm/streamrec/<name>``).
     ``serving`` read-only fan-out replicas of the table (``f01``, ``f02`` ..., zone
     ``fan``, no metrics server) join them, in a tree of fan-out ``fanout``.
+    ``mode`` "strong" gives every writable node a run of free Raft ports (one per
+    shard) and makes the table strong; ``election_timeout_s`` and
+    ``max_staleness_s`` are then its Raft settings.
     """
     root = Path(data_root) if data_root is not None else Path("/dev/shm/streamrec") / name
     nodes = [NodeSpec(f"z{z}n{n}", port=free_port(), zone=f"z{z}", pod=f"z{z}p{n}",
-                      metrics_port=free_port() if metrics else 0, data_dir=str(root / f"z{z}n{n}"))
+                      metrics_port=free_port() if metrics else 0, data_dir=str(root / f"z{z}n{n}"),
+                      raft_port=_free_run(shards) if mode == "strong" else 0)
              for z in range(1, zones + 1) for n in range(1, nodes_per_zone + 1)]
     fan = [NodeSpec(f"f{i:02d}", port=free_port(), zone="fan", data_dir=str(root / f"f{i:02d}"))
            for i in range(1, serving + 1)]
@@ -61,7 +67,25 @@ def loopback_spec(name: str, *, zones: int = 2, nodes_per_zone: int = 2, shards:
     return ClusterSpec(name, (*nodes, *fan), (TableSpec(table, config, shards=shards,
                                                         replicas_per_zone=replicas_per_zone,
                                                         serving=tuple(n.name for n in fan), fanout=fanout,
-                                                        ring_bytes=ring_bytes),))
+                                                        ring_bytes=ring_bytes, mode=mode,
+                                                        election_timeout_s=election_timeout_s,
+                                                        max_staleness_s=max_staleness_s),))
+
+
+def _free_run(n: int) -> int:
+    """The first of ``n`` consecutive TCP ports free on 127.0.0.1 now (races as ``free_port``)."""
+    while True:
+        base = free_port()
+        if base + n > 65536:
+            continue
+        with contextlib.ExitStack() as stack:
+            try:
+                for p in range(base + 1, base + n):
+                    sock = stack.enter_context(socket.socket())
+                    sock.bind(("127.0.0.1", p))
+            except OSError:
+                continue
+        return base
 
 
 class LocalCluster:

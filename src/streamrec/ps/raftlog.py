@@ -119,6 +119,7 @@ class Op(enum.IntEnum):
     ASSIGN = 2
     APPLY_GRADIENTS = 3
     ERASE = 4
+    FIND_OR_INSERT = 5  # insert absent keys with their initial values (a pure function of the key)
 
 
 @dataclass(frozen=True)
@@ -247,15 +248,18 @@ def _warm_kernels(table: EmbeddingTable) -> None:
     """
     rows = np.zeros((4, table.dim), dtype=np.float32)
     keys = np.arange(1, 5, dtype=np.uint64)
-    for op in (Op.INSERT_OR_ASSIGN, Op.ASSIGN, Op.APPLY_GRADIENTS, Op.ERASE):
-        _, k, v, *_ = decode_entry(encode_entry(op, keys, None if op == Op.ERASE else rows,
-                                                writer=0, seq=0, lr=0.01))
+    for op in (Op.INSERT_OR_ASSIGN, Op.ASSIGN, Op.APPLY_GRADIENTS, Op.FIND_OR_INSERT, Op.ERASE):
+        no_rows = op in (Op.ERASE, Op.FIND_OR_INSERT)
+        entry = encode_entry(op, keys, None if no_rows else rows, writer=0, seq=0, lr=0.01)
+        _, k, v, *_ = decode_entry(entry)
         if op == Op.INSERT_OR_ASSIGN:
             table.insert_or_assign(k, v)
         elif op == Op.ASSIGN:
             table.assign(k, v)
         elif op == Op.APPLY_GRADIENTS:
             table.apply_gradients(k, v, 0.01)
+        elif op == Op.FIND_OR_INSERT:
+            table.find_or_insert(k)
         else:
             table.find(k)
             table.erase(k)
@@ -452,6 +456,8 @@ class BatchLog(SyncObj):
                 t.assign(keys, values)
             elif op == Op.APPLY_GRADIENTS:
                 t.apply_gradients(keys, values, lr)
+            elif op == Op.FIND_OR_INSERT:
+                t.find_or_insert(keys)
             else:
                 t.erase(keys)
         except (ValueError, StoreError) as exc:

@@ -25,6 +25,9 @@ Health (``/healthz``: the master loop is alive; ``/readyz``: every replica is
 filled) and metrics (``/metrics``) are served on ``metrics_port`` by a small
 HTTP thread, bound to the node's host (127.0.0.1 unless told otherwise).
 
+Strong replicas (``ps._strong``) neither fill nor refill: their Raft members
+join their groups when the service is built and catch up from the log.
+
 Thread safety: ``start``/``stop`` from one controlling thread; everything else
 runs on the server's own threads.
 """
@@ -207,7 +210,7 @@ class StorageServer:
         for rep in self.service.replicas.values():
             if rep.role == SERVING:
                 self.followers.append(Follower(self.spec, self.node.name, rep, self._stop).start())
-            elif self._fill:
+            elif self._fill and rep.log is None:  # a strong replica catches up through its Raft log
                 self._on_stale(rep)
         return self
 
@@ -291,7 +294,7 @@ class StorageServer:
         log.warning("the master loop did not run for %.2f s: filling every replica again", seconds)
         for rep in self.service.replicas.values():
             with rep.lock:
-                if rep.ready and rep.has_peers:
+                if rep.ready and rep.has_peers and rep.log is None:  # Raft tells a strong one it lags
                     rep.ready = False
                     self._on_stale(rep)
 
@@ -326,8 +329,9 @@ class StorageServer:
             self._answer(ep, token, error_reply(req, Status.BAD_FRAME, "a reply sent as a request"), kind,
                          arrived, 0)
             return
-        if req.kind in _INLINE or (req.kind == Kind.FIND and self._inflight == 0 and req.buffers
-                                   and req.buffers[0].shape[0] <= _INLINE_KEYS):
+        # A linearizable FIND (aux set) waits for a Raft barrier: never on the master.
+        if req.kind in _INLINE or (req.kind == Kind.FIND and not req.aux and self._inflight == 0
+                                   and req.buffers and req.buffers[0].shape[0] <= _INLINE_KEYS):
             reply = self.service.handle(req)
             if req.kind == Kind.HELLO and reply.status == Status.OK:
                 reply = self._hello_reply(req, reply)

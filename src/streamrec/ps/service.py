@@ -57,6 +57,13 @@ it holds its shard, and is fed by its ``ps._follow.Follower``. PULL and EXPORT
 are refused (UNAVAILABLE) by a replica not ready or re-syncing, so a child
 never copies a half-synced parent.
 
+Strong mode (``ClusterSpec.mode`` "strong"). A strong replica's table belongs
+to its Raft member (``ShardReplica.log``, ``ps.raftlog.BatchLog``), which applies
+committed batches in log order on every member; writes and linearizable reads
+go through it (``ps._strong``), plain reads are served while the replica is
+within its staleness bound (else it is not ready). Strong replicas never fill
+from a peer: Raft's snapshot and log catch them up.
+
 Thread safety: ``Service.handle`` may be called from many threads at once.
 Reads run lock-free on the table; writes to one replica are serialised by its
 lock, which also makes the check-and-record of write ids atomic.
@@ -81,8 +88,10 @@ import numpy as np
 
 from streamrec.cluster.spec import ClusterSpec
 from streamrec.config import TableConfig
-from streamrec.errors import NonFiniteValues, StoreError
+from streamrec.errors import ConfigError, NonFiniteValues, StoreError
+from streamrec.ps import _strong
 from streamrec.ps._ring import MAX_WAIT_MS, UpdateRing, new_epoch, pull_reply
+from streamrec.ps.raftlog import BatchLog
 from streamrec.store import EmbeddingTable
 from streamrec.transport.frames import Frame, Kind, Status, error_reply, in_place, reply_to
 
@@ -132,6 +141,8 @@ class ShardReplica:
             but no PULL or EXPORT.
         parent, root: where a serving replica pulls from, and the tree's root (its follower sets them).
         applied_log: a serving replica's recent (seq, commit ns, applied ns), newest last.
+        log: a strong replica's Raft member, which owns its table; None in client mode.
+        max_staleness_s: a strong replica is ready only while this fresh.
     """
 
     def __init__(self, table_index: int, shard: int, table: EmbeddingTable, *, ready: bool = True,
@@ -145,8 +156,10 @@ class ShardReplica:
         self.applied_log: collections.deque[tuple[int, int, int]] = collections.deque(maxlen=_APPLIED_LOG)
         self.has_peers = has_peers
         self.shard = shard
-        self.table = table
-        self.ready = ready
+        self.log: BatchLog | None = None
+        self.max_staleness_s = 1.0
+        self._table = table
+        self._ready = ready
         self.held = ready
         self.touched: set[int] = set()
         self.tracking: set[int] | None = None
@@ -154,6 +167,21 @@ class ShardReplica:
         self.lock = threading.Lock()
         self._applied: OrderedDict[int, None] = OrderedDict()
         self._seqs: OrderedDict[int, int] = OrderedDict()  # client id -> its last write's number, LRU
+
+    @property
+    def table(self) -> EmbeddingTable:
+        # A strong replica's log replaces its table object when it loads a snapshot.
+        return self._table if self.log is None else self.log.table
+
+    @property
+    def ready(self) -> bool:
+        if self.log is None:
+            return self._ready
+        return _strong.log_ready(self.log, self.max_staleness_s)
+
+    @ready.setter
+    def ready(self, value: bool) -> None:
+        self._ready = value
 
     def order(self, request_id: int, seq: int) -> int:
         """Writer lock held: where this write falls in its client's sequence: IN_ORDER,
@@ -253,6 +281,14 @@ class Service:
             ring = UpdateRing(table_spec.ring_bytes, new_epoch()) if table_spec.serving else None
             self.replicas[(t, s)] = ShardReplica(t, s, self._new_table(t, s), ready=ready,
                                                  has_peers=len(spec.replicas(t, s)) > 1, ring=ring)
+        for t, s in spec.strong_shards_on(node):
+            if self.data_dir is None:
+                raise ConfigError(f"table {spec.tables[t].name!r} is strong: node {node} needs a data dir "
+                                  "for its Raft journal", field="node.data_dir")
+            rep = self.replicas[(t, s)]
+            rep.max_staleness_s = spec.tables[t].max_staleness_s
+            rep.log = _strong.open_log(spec, node, t, s, self.data_dir, rep.table.name)
+            rep.table.close()  # the empty client-mode table: the log made its own
         for t, s in spec.serving_on(node):  # read-only: not ready until its follower synced it
             self.replicas[(t, s)] = ShardReplica(t, s, self._new_table(t, s), ready=False, has_peers=False,
                                                  role=SERVING, ring=UpdateRing(spec.tables[t].ring_bytes))
@@ -283,6 +319,8 @@ class Service:
 
     def close(self) -> None:
         for r in self.replicas.values():
+            if r.log is not None:
+                r.log.close()
             r.table.close()
 
     # -- the one entry point ---------------------------------------------------------
@@ -306,6 +344,9 @@ class Service:
                 return error_reply(req, Status.READ_ONLY, f"node {self.node.name} holds a read-only "
                                    f"(serving) replica of table {self.spec.tables[req.table].name!r}: "
                                    f"write to its writable replicas ({writable})")
+            if rep.log is not None and (req.kind in _WRITES or (req.kind == Kind.FIND
+                                                                 and req.aux & _strong.LINEARIZABLE)):
+                return self._strong(rep.log, req)
             if req.kind == Kind.PULL:
                 reply = self._pull(rep, req, park=False)
                 assert reply is not None  # only a parking pull waits
@@ -367,6 +408,12 @@ class Service:
         if rep.syncing and req.kind in (Kind.PULL, Kind.EXPORT):
             return error_reply(req, Status.UNAVAILABLE, f"table {self.spec.tables[req.table].name!r} shard "
                                f"{req.shard} is re-syncing from its fan-out parent")
+        if rep.log is not None and not rep.ready and req.kind not in _WRITES and not (
+                req.kind == Kind.FIND and req.aux & _strong.LINEARIZABLE):
+            name = self.spec.tables[req.table].name
+            return error_reply(req, Status.UNAVAILABLE, f"table {name!r} shard {req.shard}: this replica is "
+                               f"{rep.log.staleness_s():.3f} s behind its group's leader (bound "
+                               f"{rep.max_staleness_s} s), or has no leader")
         if not rep.ready and req.kind not in _WRITES:
             reply = error_reply(req, Status.UNAVAILABLE, f"table {self.spec.tables[req.table].name!r} shard "
                                 f"{req.shard} is filling from a peer")
@@ -400,6 +447,23 @@ class Service:
             return None
         outcome, batches = rep.ring.read(epoch, after, min(max_bytes, self.spec.max_frame_bytes // 2))
         return pull_reply(req, rep.ring, outcome, batches, rep.table.dim, rep.table.dtype)
+
+    def _strong(self, blog: BatchLog, req: Frame) -> Frame:
+        """A write or linearizable read of a strong replica: inputs checked here, run by ``ps._strong``."""
+        if req.kind == Kind.FIND:
+            return _strong.serve(self.spec, blog, req, _keys(req, 1), None, 0.0)
+        keys = _keys(req, _WRITE_BUFFERS[Kind(req.kind)])
+        values, lr = None, 0.0
+        if req.kind in _MASKED:
+            values = _matrix(req.buffers[1], keys.shape[0], blog.table.dim,
+                             "values" if req.kind == Kind.ASSIGN else "grads")
+        if req.kind == Kind.APPLY_GRADIENTS:
+            b = req.buffers[2]
+            if b.dtype != np.float64 or b.shape != (1,) or not (np.isfinite(b[0]) and b[0] > 0):
+                raise _BadRequest(f"buffer 2 (lr): expected a finite float64 (1,) > 0, got {b.dtype} "
+                                  f"{b.shape}")
+            lr = float(b[0])
+        return _strong.serve(self.spec, blog, req, keys, values, lr)
 
     def _write(self, rep: ShardReplica, req: Frame, again: bool) -> Frame:
         """Apply one write (``again``: it was applied before; answer without applying)."""
@@ -471,7 +535,8 @@ class Service:
             "incarnation": self.incarnation,
             "shards": [
                 {"table": t, "shard": s, "ready": r.ready,
-                 "live_dir": str(r.table.path) if r.table.path is not None else None, **_fanout(r)}
+                 "live_dir": str(r.table.path) if r.table.path is not None else None, **_fanout(r),
+                 **self._raft(r)}
                 for (t, s), r in sorted(self.replicas.items())
             ],
         }
@@ -483,7 +548,7 @@ class Service:
             st = r.table.stats()
             out.append({"table": self.spec.tables[t].name, "shard": s, "ready": r.ready,
                         "rows": st.rows, "load_factor": st.load_factor, "memory_bytes": st.memory_bytes,
-                        "nonfinite_skipped": st.nonfinite_skipped, **_fanout(r)})
+                        "nonfinite_skipped": st.nonfinite_skipped, **_fanout(r), **self._raft(r)})
             if applied and r.role == SERVING:
                 out[-1]["applied_log"] = list(r.applied_log)
         return {"node": self.node.name, "shards": out}
@@ -494,10 +559,24 @@ class Service:
             raise _BadRequest("this node keeps no files (no data dir): nothing to snapshot to")
         paths = {}
         for (t, s), r in sorted(self.replicas.items()):
+            if r.log is not None:  # the log's own snapshot (table + idempotence map), which truncates it
+                r.log.force_snapshot()
+                name = self.spec.tables[t].name
+                paths[f"{name}/{s}"] = str(self.data_dir / f"raft-{name}-{s}" / "raft.dump")
+                continue
             root = self.data_dir / "snapshots" / f"{self.spec.tables[t].name}-{s}"
             with r.lock:
                 paths[f"{self.spec.tables[t].name}/{s}"] = str(r.table.snapshot(root))
         return {"node": self.node.name, "snapshots": paths}
+
+    def _raft(self, r: ShardReplica) -> dict[str, Any]:
+        """A strong replica's place in its Raft group, for HELLO and STATS (empty in client mode)."""
+        if r.log is None:
+            return {}
+        stale = r.log.staleness_s()
+        return {"mode": "strong", "leader": _strong.leader_node(self.spec, r.table_index, r.shard, r.log),
+                "is_leader": r.log.is_leader, "applied_index": r.log.applied_index,
+                "staleness_s": stale if stale != float("inf") else None}
 
 
 def _fanout(r: ShardReplica) -> dict[str, Any]:

@@ -124,6 +124,7 @@ class Status(IntEnum):
     INTERNAL = 12
     NON_FINITE = 13  # values or gradient steps not finite in the table's dtype: nothing written
     READ_ONLY = 14  # a write sent to a read-only (fan-out serving) replica: nothing written
+    NOT_LEADER = 15  # strong mode: this replica is not its group's leader; the text names it ("" if unknown)
 
     @property
     def retriable(self) -> bool:
@@ -131,7 +132,7 @@ class Status(IntEnum):
 
 
 _RETRIABLE = frozenset({Status.DEADLINE, Status.OVERLOADED, Status.UNAVAILABLE, Status.NOT_HOSTED,
-                        Status.INTERNAL})
+                        Status.INTERNAL, Status.NOT_LEADER})
 
 _DTYPES: dict[int, np.dtype] = {
     1: np.dtype(np.uint8), 2: np.dtype(np.bool_), 3: np.dtype(np.int32), 4: np.dtype(np.uint32),
