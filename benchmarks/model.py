@@ -53,6 +53,7 @@ from _common import Report, Wrong, bench_args, emit_json, median, paired_rates, 
 
 from streamrec.model.batch import RequestBatch
 from streamrec.model.embedding import StoreEmbedding
+from streamrec.model.optimizer import SplitAdam
 from streamrec.model.stca import STCA, ModelConfig
 from streamrec.store.table import EmbeddingTable
 
@@ -79,14 +80,14 @@ def synthetic_batch(rng: np.random.Generator, lengths: np.ndarray, targets: int)
         target_category=rng.integers(0, 100, t), labels=rng.integers(0, 2, (t, 3)))
 
 
-def build_model(seed: int = 0) -> tuple[STCA, EmbeddingTable, torch.optim.Optimizer]:
+def build_model(seed: int = 0) -> tuple[STCA, EmbeddingTable, SplitAdam]:
     """STCA with its item and user rows in store tables (Adagrad), the rest in torch (Adam)."""
     torch.manual_seed(seed)
     table = EmbeddingTable(dim=64, optimizer="adagrad", capacity=1 << 16)
     users = EmbeddingTable(dim=64, optimizer="adagrad", capacity=1 << 14)
     model = STCA(ModelConfig(), item_embedding=StoreEmbedding(table, lr=0.05),
                  user_embedding=StoreEmbedding(users, lr=0.05))
-    return model, table, torch.optim.Adam(model.parameters(), lr=1e-3)
+    return model, table, SplitAdam(model, lr=1e-3)
 
 
 def check_agree(what: str, a: torch.Tensor, b: torch.Tensor) -> None:

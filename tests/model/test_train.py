@@ -17,6 +17,7 @@ from torch import nn
 from streamrec.model.batch import RequestBatch
 from streamrec.model.checkpoint import load_current
 from streamrec.model.metrics import auc
+from streamrec.model.optimizer import SplitAdam
 from streamrec.model.train import TrainConfig, Trainer, parquet_samples, sample_batches, train_stream
 from streamrec.pipeline.events import SAMPLE_SCHEMA
 
@@ -115,8 +116,9 @@ def test_publishes_checkpoints_that_restore_the_model(tmp_path: Path) -> None:
     b = _batch(rng)
     assert torch.equal(twin(b), model(b))
     # the optimizer state resumes training exactly
-    opt = torch.optim.Adam(twin.parameters(), lr=0.1)
-    opt.load_state_dict(ck.optimizer or {})
+    opt = SplitAdam(twin, lr=0.1)
+    assert ck.optimizer is not None and ck.optimizer["sparse"] is None  # no hashed tables in this model
+    opt.load_state_dict(ck.optimizer)
     trainer.step(b)
     twin_trainer = Trainer(twin, TrainConfig(lr=0.1))
     twin_trainer.optimizer = opt

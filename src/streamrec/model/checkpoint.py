@@ -10,7 +10,8 @@ A model directory::
     CURRENT              "v000017 <crc32 of v000017/MANIFEST.json, 8 hex>\\n": the commit point
     v000017/
         dense.pt         torch.save of the dense state_dict (weights_only-loadable)
-        optimizer.pt     optional: the dense optimizer's state_dict (to resume training)
+        optimizer.pt     optional: optimizer state to resume training (the trainer's: {"dense": Adam's
+                         state_dict, "sparse": SparseAdam's over hashed tables, or None})
         tables/NAME/     EmbeddingTable.snapshot of each sparse table (its own checksummed format)
         MANIFEST.json    format, version, created time, model config, feature set, counters, and
                          the size and crc32 of every other file of the version
@@ -76,7 +77,8 @@ class Checkpoint:
         path: its directory.
         manifest: the manifest (``model``, ``features``, ``counters``, ``created_unix`` ...).
         dense: the dense state_dict, on CPU.
-        optimizer: the dense optimizer's state_dict, or None if it was not saved.
+        optimizer: the optimizer state saved with it (the trainer's ``{"dense": ..., "sparse": ...}``),
+            or None if it was not saved.
         tables: name -> ``EmbeddingTable`` opened from the version's snapshot (the caller closes
             them), empty when loaded with ``tables=False``.
     """

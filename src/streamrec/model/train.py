@@ -40,6 +40,7 @@ import torch
 from streamrec.model.batch import DEFAULT_TASKS, RequestBatch
 from streamrec.model.checkpoint import publish
 from streamrec.model.metrics import ProgressiveMetrics, TaskSummary
+from streamrec.model.optimizer import SplitAdam
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -182,8 +183,8 @@ class Trainer:
         self.features = dict(features or {})
         torch.manual_seed(self.config.seed)
         self._rng = np.random.default_rng(self.config.seed)
-        params = [p for p in model.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.Adam(params, lr=self.config.lr, weight_decay=self.config.weight_decay)
+        assert isinstance(model, torch.nn.Module)
+        self.optimizer = SplitAdam(model, lr=self.config.lr, weight_decay=self.config.weight_decay)
         self.metrics = ProgressiveMetrics(self.tasks, window=self.config.window)
         self.best = ProgressiveMetrics(self.tasks, window=self.config.window)  # the generator's truth
         self.samples = 0
@@ -212,9 +213,8 @@ class Trainer:
         loss = self.model.loss(batch, logits)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        if c.grad_clip:
-            torch.nn.utils.clip_grad_norm_([p for g in self.optimizer.param_groups for p in g["params"]],
-                                           c.grad_clip)
+        if c.grad_clip:  # the dense layers' norm (a hashed table's rows are scaled by Adam itself)
+            torch.nn.utils.clip_grad_norm_(self.optimizer.dense_params, c.grad_clip)
         self.optimizer.step()
         self.samples += batch.num_targets
         self.batches += 1
