@@ -18,6 +18,12 @@ Adagrad, into a table of 20,000 rows):
   what the fan-out source costs the write path (logging resulting rows, serving
   PULLs). Checked after the run: every serving replica reaches the writable
   replica's seq and holds every row with the writable replica's values.
+- ``strong_ps``: the same batches through the parameter server into a strong
+  table (``mode = "strong"``): three ``streamrec ps serve`` processes, one
+  shard, each a Raft member; one client (shared memory) sends each batch to
+  the leader and waits for its acknowledgement (majority commit), batch after
+  batch. Checked after the run: a linearizable read, then every member read
+  alone holds the same rows as the leader.
 Figures: ``none_rows_per_s``, ``strong_rows_per_s``, ``strong_over_none``
 (target >= 0.33: strong costs < 3x), ``strong_batches_per_s`` (committed 64 KiB
 batches/s at saturation), and commit latency (submit to acknowledgement)
@@ -27,6 +33,8 @@ Fan-out figures: ``fanout_replicas``, ``ps_rows_per_s`` (through the server,
 no fan-out), ``fanout_rows_per_s`` (with the serving replicas pulling),
 ``fanout_over_ps``, and ``log_only_over_ps``: the same ratio measured first,
 before the serving replicas start (the ring logs every write, nobody pulls).
+``strong_ps_rows_per_s`` and ``strong_ps_over_ps`` (over ``ps_rows_per_s``:
+what strong mode costs a client's writes through the storage process).
 
 Caveats printed with the figures: all three members share this machine's two
 cores with the writer, so the strong path also pays the followers' CPU, which
@@ -39,7 +47,7 @@ JSON keys (``--json``, last line of stdout): ``batch_bytes``, ``rows_per_batch``
 ``none_rows_per_s``, ``strong_rows_per_s``, ``strong_over_none``,
 ``strong_batches_per_s``, ``half_rate_batches_per_s``, ``p50_ms``, ``p99_ms``,
 ``sync_p50_ms``, ``sync_p99_ms``, ``fanout_replicas``, ``ps_rows_per_s``, ``fanout_rows_per_s``,
-``fanout_over_ps``, ``log_only_over_ps``.
+``fanout_over_ps``, ``log_only_over_ps``, ``strong_ps_rows_per_s``, ``strong_ps_over_ps``.
 
 Run: ``python benchmarks/replication.py [--smoke|--quick] [--json]`` or
 ``streamrec bench replication``.
@@ -67,7 +75,8 @@ from streamrec.store import EmbeddingTable
 
 KEYS = ("batch_bytes", "rows_per_batch", "none_rows_per_s", "strong_rows_per_s", "strong_over_none",
         "strong_batches_per_s", "half_rate_batches_per_s", "p50_ms", "p99_ms", "sync_p50_ms", "sync_p99_ms",
-        "fanout_replicas", "ps_rows_per_s", "fanout_rows_per_s", "fanout_over_ps", "log_only_over_ps")
+        "fanout_replicas", "ps_rows_per_s", "fanout_rows_per_s", "fanout_over_ps", "log_only_over_ps",
+        "strong_ps_rows_per_s", "strong_ps_over_ps")
 DIM = 64
 BATCH_BYTES = 64 * 1024
 ROWS = BATCH_BYTES // (8 + 4 * DIM)  # 248
@@ -234,6 +243,46 @@ def measure_fanout(serving: int, data: list[tuple[np.ndarray, np.ndarray]],
             float(np.median(alone["fan"]) / np.median(alone["plain"])))
 
 
+def measure_strong_ps(data: list[tuple[np.ndarray, np.ndarray]], seconds: float) -> float:
+    """Rows/s of acknowledged ``apply_gradients`` into a strong table of three server
+    processes (module doc), after checking that every member holds the leader's rows."""
+    from streamrec.errors import TransportError
+    from streamrec.ps.client import PSClient
+    from streamrec.ps.local import LocalCluster, loopback_spec
+
+    spec = loopback_spec(f"replication-strong-{os.getpid()}", zones=3, nodes_per_zone=1, shards=1, dim=DIM,
+                         metrics=False, mode="strong", election_timeout_s=(1.5, 4.0), max_staleness_s=5.0)
+    keys = np.arange(TABLE_ROWS, dtype=np.uint64)
+    with LocalCluster(spec) as cluster:
+        cluster.start(timeout_s=300)
+        with PSClient(spec, timeout_s=30.0) as ps:
+            for lo in range(0, TABLE_ROWS, INSERT_ROWS):
+                ps.assign("emb", keys[lo:lo + INSERT_ROWS], np.zeros((INSERT_ROWS, DIM), np.float32))
+            for k, g in data[:8]:  # warm-up
+                ps.apply_gradients("emb", k, g, 0.01)
+            done, t0 = 0, time.perf_counter()
+            while time.perf_counter() - t0 < seconds:
+                k, g = data[done % len(data)]
+                ps.apply_gradients("emb", k, g, 0.01)
+                done += 1
+            rate = done * ROWS / (time.perf_counter() - t0)
+            want, found = ps.find("emb", keys, consistency="linearizable")
+            assert found.all(), "the leader lost rows"
+            deadline = time.monotonic() + 60
+            for n in spec.nodes:
+                while True:  # a follower may trail the leader by its last few entries
+                    try:
+                        got, found = ps.find("emb", keys, node=n.name)
+                    except TransportError:  # not ready (behind its staleness bound) yet
+                        got, found = want, np.zeros_like(found)
+                    if found.all() and np.array_equal(got, want):
+                        break
+                    if time.monotonic() > deadline:
+                        raise AssertionError(f"strong member {n.name} differs from the leader")
+                    time.sleep(0.1)
+    return rate
+
+
 def _fan_seq(cluster: Any, node: str) -> int:
     """The seq of ``node``'s replica of table ``fan`` (index 1), -1 if it does not answer."""
     info = cluster.hello(node)
@@ -272,6 +321,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print(f"fan-out: through the server {ps_rate / 1e6:.3f} M rows/s without fan-out, {fan_rate / 1e6:.3f} M "
           f"rows/s with {n_fan} serving replicas pulling ({fan_rate / ps_rate:.2f}x; logging alone, before "
           f"they ran: {log_only:.2f}x); every serving replica checked against the writable one", file=log_out)
+    strong_ps = measure_strong_ps(data, secs)
+    print(f"strong through the server: {strong_ps / 1e6:.3f} M rows/s ({strong_ps / ROWS:,.0f} acknowledged "
+          f"batches/s, one in flight; {strong_ps / ps_rate:.3f}x the unreplicated server); every member "
+          "checked against the leader", file=log_out)
 
     root = Path(tempfile.mkdtemp(prefix="streamrec-replication-"))
     addrs = [f"127.0.0.1:{p}" for p in _free_ports(3)]
@@ -330,6 +383,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "sync_p99_ms": float(np.percentile(sync, 99) * 1e3),
         "fanout_replicas": n_fan, "ps_rows_per_s": ps_rate, "fanout_rows_per_s": fan_rate,
         "fanout_over_ps": fan_rate / ps_rate, "log_only_over_ps": log_only,
+        "strong_ps_rows_per_s": strong_ps, "strong_ps_over_ps": strong_ps / ps_rate,
     }
     print(f"strong_over_none {figures['strong_over_none']:.3f} (target >= 0.33) | commit latency at "
           f"{half:,.0f} batches/s: p50 {figures['p50_ms']:.1f} ms, p99 {figures['p99_ms']:.1f} ms "
