@@ -417,13 +417,12 @@ class SampleJoin:
         ukeys, inv = np.unique(pair, return_inverse=True)
         rows, found = pending.find(ukeys)
         bit = (1 << (code - 1)).astype(np.int64)
-        imp = found
         # A key whose row belongs to another pair (a 64-bit collision) drops the action, counted.
         bad = found[inv] & ((rows[inv, _REQ] != req) | (rows[inv, _ITEM] != item))
         if bad.any():
             self.counts["key_collisions"] += int(np.count_nonzero(bad))
         ok = ~bad
-        on_imp = imp[inv] & ok
+        on_imp = found[inv] & ok
         deadline = rows[inv, _TS] + self._W
         timely = on_imp & (ts < deadline)
         late_p = on_imp & ~timely
@@ -456,8 +455,8 @@ class SampleJoin:
             self._closed_or_park(pair[rest], code[rest], ts[rest], val[rest], req[rest], item[rest],
                                  parked, closed, out)
 
-    def _eager(self, rows: np.ndarray, touched: np.ndarray,
-               out: _Out) -> None:
+    def _eager(self, rows: np.ndarray, touched: np.ndarray, out: _Out) -> None:
+        """Kind 1 (a first positive) and kind 2 (labels changed since the last emission) of touched rows."""
         lab = rows[:, _LAB].astype(np.int64)
         never = rows[:, _ELAB] < 0
         first = touched & never & ((lab & _POSITIVE) != 0)
