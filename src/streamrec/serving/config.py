@@ -39,10 +39,8 @@ class ServeConfig:
             per-call overhead on CPU stops mattering, measured in benchmarks/serving.py).
         chunk_candidates: a request with more candidates than this is split into chunks of it,
             run in parallel and merged (512).
-        max_wait_ms: how long a model call that is not full waits for more requests once a
-            worker is free (0: requests that queued while the workers were busy are packed, a lone
-            one goes at once: a fixed wait adds its length to a lone request's latency, and on
-            CPU a call's fixed cost is small next to its arithmetic).
+        max_wait_ms: how long a batch waits for more requests once started (1 ms: a fraction of
+            one model call, so packing never costs a whole call).
         queue_candidates: candidates admitted but not answered, above it 429 (20,000: about
             ten budgets; bounds the queue's memory and the latency a queued request can see).
         deadline_ms: a request's budget unless it asks for less (``parameters.timeout_ms``):
@@ -71,7 +69,7 @@ class ServeConfig:
     max_history: int = 10_000
     batch_candidates: int = 2_048
     chunk_candidates: int = 512
-    max_wait_ms: float = 0.0
+    max_wait_ms: float = 1.0
     queue_candidates: int = 20_000
     deadline_ms: float = 1_000.0
     preprocess_threads: int = 2

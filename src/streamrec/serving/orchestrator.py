@@ -21,10 +21,8 @@ The path of a request::
 - **Packing and splitting.** A request's unique candidates above ``chunk_candidates`` are cut
   into chunks; a model call takes pieces in arrival order up to ``batch_candidates``, at most
   one chunk of each split request (so the chunks of one request run on different model workers
-  at once), and only pieces prepared with the same model version. A call is formed when a model
-  worker is free, so what queued while all were busy is packed; one that is not full waits up to
-  ``max_wait_ms`` more (0 by default: on CPU a call's fixed cost is small next to its
-  arithmetic). With ``dso`` off there is no orchestration: one worker takes
+  at once), and only pieces prepared with the same model version. A call that is not full waits
+  up to ``max_wait_ms`` for more. With ``dso`` off there is no orchestration: one worker takes
   each request through preprocessing and its own model call before it takes the next.
 
 Thread safety: ``rank`` is called from the event loop thread; everything else runs in the
@@ -222,12 +220,9 @@ class Orchestrator:
                 if w is None:
                     return
                 waiting.extend(self._pieces(w))
-            # A batch is formed once a model worker is free: what arrived while all were busy is
-            # packed together, and a lone request on an idle server goes at once.
-            self._in_flight.acquire()
             self._drain(waiting)
             batch = self._take(waiting)
-            if wait_s and sum(p.size for p in batch) < c.batch_candidates and not waiting:
+            if sum(p.size for p in batch) < c.batch_candidates and not waiting:
                 end = time.monotonic() + wait_s
                 while (left := end - time.monotonic()) > 0:
                     try:
@@ -242,7 +237,9 @@ class Orchestrator:
                     batch += more
                     if sum(p.size for p in batch) >= c.batch_candidates:
                         break
-            self._model_pool.submit(self._run_batch, batch)
+            if batch:
+                self._in_flight.acquire()
+                self._model_pool.submit(self._run_batch, batch)
 
     def _drain(self, waiting: deque[_Piece]) -> None:
         while True:
