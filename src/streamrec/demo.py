@@ -40,27 +40,34 @@ class DemoConfig:
 
     Attributes:
         events: generated events (impressions plus actions) through the pipeline.
-        users, items, categories: the generator's population.
+        users, items, categories: the generator's population; interests (of them ``rare``: seen
+            every few hundred events, strongly liked) per user, and a frequent interest's click
+            log-odds boost: a population small and clear enough that the model's learning shows
+            within a demo's samples (the generator's defaults are 10k users, 100k items).
         impressions_per_s: simulated traffic rate (event time; the pipeline runs as fast as it can).
         window_s: the join's label window.
         history: newest history events a request reads (training and serving).
         min_len, max_len: training history cut (STCA's length extrapolation: train short, serve long).
-        dim: the model's width.
+        dim: the model's width; lr: its dense and sparse learning rate.
         ps_seconds: seconds per phase of the parameter-server demo; ps_rows: rows it loads.
         load_s: seconds of ranking load; clients: load processes; inflight: requests in flight each.
         candidates_median: median candidates per ranking request (log-normal, sigma 0.8, at most 2,000).
     """
 
-    events: int = 1_500_000
-    users: int = 4_000
-    items: int = 40_000
-    categories: int = 64
+    events: int = 200_000
+    users: int = 1_000
+    items: int = 10_000
+    categories: int = 32
+    interests: int = 3
+    rare: int = 1
+    affinity: float = 2.5
     impressions_per_s: float = 4_000.0
     window_s: int = 30
     history: int = 1_000
     min_len: int = 16
     max_len: int = 256
     dim: int = 32
+    lr: float = 0.01
     ps_seconds: float = 3.0
     ps_rows: int = 400_000
     load_s: float = 20.0
@@ -70,8 +77,8 @@ class DemoConfig:
 
 
 FULL = DemoConfig()
-QUICK = replace(FULL, events=250_000, users=1_000, items=10_000, history=500, max_len=128, ps_seconds=1.5,
-                ps_rows=100_000, load_s=6.0)
+QUICK = replace(FULL, events=40_000, users=200, items=2_000, categories=16, history=500, max_len=128,
+                ps_seconds=1.5, ps_rows=100_000, load_s=6.0)
 
 
 @dataclass
@@ -92,6 +99,8 @@ def _train(cfg: DemoConfig, out: Path, console: Console) -> tuple[Any, Any, Any,
     from streamrec.pipeline.runner import EmbeddedRunner, PipelineConfig
 
     gen = GeneratorConfig(users=cfg.users, items=cfg.items, categories=cfg.categories,
+                          interests_per_user=cfg.interests, rare_interests=cfg.rare,
+                          rare_period=(100.0, 1000.0), affinity=cfg.affinity,
                           impressions_per_s=cfg.impressions_per_s, seed=1)
     pcfg = PipelineConfig(source="generate", events=cfg.events, generator=gen,
                           join=JoinConfig(window_s=cfg.window_s, huge_pages=False), features="default",
@@ -114,7 +123,8 @@ def _train(cfg: DemoConfig, out: Path, console: Console) -> tuple[Any, Any, Any,
         thread.join()
         raise RuntimeError(f"the pipeline emitted no samples: {failed[0] if failed else 'no events'}")
     model, tables = make_model("stca", ModelConfig(dim=cfg.dim).for_batch(first.batch), store_embeddings=True)
-    trainer = Trainer(model, TrainConfig(min_len=cfg.min_len, max_len=cfg.max_len, publish_every_s=0),
+    trainer = Trainer(model, TrainConfig(lr=cfg.lr, min_len=cfg.min_len, max_len=cfg.max_len, window=5000,
+                                         max_targets=512, publish_every_s=0),
                       model_dir=out / "model", tables=tables, features=runner.features.to_manifest())
     curve = _Curve([], [], [])
 
@@ -269,7 +279,7 @@ def run_system_demo(cfg: DemoConfig = FULL, out_dir: str = "demo-out") -> int:
     p50, p99 = (np.percentile(lat, [50, 99]) * 1e3) if lat.size else (math.nan, math.nan)
     rate = f"{stats.events / stats.seconds:,.0f}" if stats.seconds else "-"
     figs = {
-        "events/s (pipeline, join + features)": rate,
+        "events/s (pipeline, join + features; paced by training)": rate,
         "samples/s (online training)": f"{report.samples_per_s:,.0f}",
         "click AUC (progressive) / best achievable": f"{click.auc:.4f} / {best.auc:.4f}",
         "ranking QPS (closed loop)": f"{qps:,.1f}",
