@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import math
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +27,7 @@ from streamrec.pipeline.events import (
     validate,
 )
 from streamrec.pipeline.generate import GeneratorConfig, generate, write_events
-from streamrec.pipeline.sources import FileSource, IteratorSource, Offset
+from streamrec.pipeline.sources import FileSource, IteratorSource, Offset, _columns_from_rows
 
 T0 = 1_767_225_600_000
 SMALL = GeneratorConfig(users=200, items=2000, categories=20, impressions_per_s=2000,
@@ -301,3 +303,114 @@ def test_dead_letters_to_parquet(tmp_path: Path) -> None:
     assert t.column("reason").to_pylist() == ["unknown_action", "id_out_of_range:user_id"]
     assert json.loads(t.column("event")[0].as_py())["action"] == 42
     assert dl.count == {"unknown_action": 1, "id_out_of_range:user_id": 1}
+
+
+# -- validate against a per-row reference ------------------------------------------------------------------
+
+_INT = re.compile(r"[+-]?\d{1,18}")
+_FLOAT = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d{1,3})?")
+
+
+def _reference(rows: list[dict[str, Any]], kind: str, watermark: int | None,
+               cfg: ValidationConfig) -> tuple[list[dict[str, Any]], list[str]]:
+    """Validation one row and one value at a time, straight from validate's docstring."""
+    schema = IMPRESSION_SCHEMA if kind == "impressions" else ACTION_SCHEMA
+    out: list[dict[str, Any] | None] = []
+    why: list[str | None] = []
+    for row in rows:
+        conv: dict[str, Any] = {}
+        reason = None
+        for f in schema:
+            v = row.get(f.name)
+            is_int = pa.types.is_integer(f.type)
+            if v is None:
+                if not f.nullable:
+                    reason = reason or f"missing:{f.name}"
+                conv[f.name] = None
+                continue
+            ok = True
+            if f.name == "action" and isinstance(v, str) and v.strip().lower() in ACTIONS:
+                v = ACTIONS[v.strip().lower()]
+            elif isinstance(v, str):
+                s = v.strip()
+                ok = bool((_INT if is_int else _FLOAT).fullmatch(s))
+                v = (int(s) if is_int else float(s)) if ok else 0
+            elif isinstance(v, float) and is_int:
+                ok = math.isfinite(v) and v == math.floor(v) and abs(v) < 2.0**63
+                v = int(v) if ok else 0
+            if not ok:
+                reason = reason or ("unknown_action" if f.name == "action" else f"mistyped:{f.name}")
+            conv[f.name] = v
+        checks = [(f"id_out_of_range:{n}", lambda x: 0 <= x < 2**53, n)
+                  for n in ("request_id", "user_id", "item_id")]
+        checks += [(f"out_of_range:{n}", lambda x: 0 <= x <= 2**31 - 1, n)
+                   for n in ("position", "category", "device")]
+        checks += [("out_of_range:hour", lambda x: 0 <= x <= 23, "hour"),
+                   ("out_of_range:value", lambda x: math.isfinite(x) and x >= 0, "value")]
+        checks += [(f"out_of_range:{n}", lambda x: 0 <= x <= 1, n)
+                   for n in ("gt_click", "gt_like", "gt_finish")]
+        checks += [("unknown_action", lambda x: x in ACTIONS.values(), "action"),
+                   ("out_of_range:ts_ms", lambda x: x >= 0, "ts_ms")]
+        for name, good, field in checks:
+            if reason is None and field in schema.names and conv[field] is not None and not good(conv[field]):
+                reason = name
+        out.append(conv)
+        why.append(reason)
+    ok_ts = [r["ts_ms"] for r, w in zip(out, why, strict=True) if w is None]
+    if ok_ts and cfg.max_future_ms is not None:
+        ref = int(np.median(np.array(ok_ts, np.int64)))
+        why = [w or ("future" if r["ts_ms"] > ref + cfg.max_future_ms else None)
+               for r, w in zip(out, why, strict=True)]
+    if watermark is not None and cfg.allowed_lateness_ms is not None:
+        why = [w or ("too_late" if r["ts_ms"] < watermark - cfg.allowed_lateness_ms else None)
+               for r, w in zip(out, why, strict=True)]
+    good_rows = [r for r, w in zip(out, why, strict=True) if w is None]
+    return good_rows, [w for w in why if w is not None]
+
+
+_ABSENT = object()
+
+
+def _mostly(valid: st.SearchStrategy[Any], *bad: st.SearchStrategy[Any]) -> st.SearchStrategy[Any]:
+    """Valid about 9 times in 10, so rows reach the later checks (a draw of 0 picks a bad value)."""
+    return st.tuples(st.integers(0, 9), valid, st.one_of(*bad, st.none(), st.just(_ABSENT))).map(
+        lambda t: t[1] if t[0] else t[2])
+
+
+def _values(kind: str) -> st.SearchStrategy[dict[str, Any]]:
+    ints = _mostly(st.integers(0, 50), st.integers(-5, -1), st.sampled_from([2**53 - 1, 2**53, 2**63 + 5]),
+                   st.sampled_from([3.0, 1.5, float("inf"), 2.0**53]),
+                   st.sampled_from(["12", " 7 ", "x", "1e3", "-4", ""]), st.just(True))
+    small = _mostly(st.integers(0, 23), st.sampled_from([24, -1, 2**31]),
+                    st.sampled_from([2.0, 0.5, "3", "z"]))
+    floats = _mostly(st.sampled_from([0.0, 0.25, 1.0]),
+                     st.sampled_from([12.5, -1.0, float("inf"), float("nan"), "0.5", "1e1", "abc"]),
+                     st.integers(0, 3))
+    ts = _mostly(st.integers(T0 - 10_000, T0 + 10_000),
+                 st.sampled_from([T0 + 3_600_000 + k for k in (-20_000, 20_000, 40_000)]),
+                 st.sampled_from([T0 + 10**10, T0 - 10**10, -5]))
+    fields: dict[str, st.SearchStrategy[Any]] = {"request_id": ints, "user_id": ints, "item_id": ints,
+                                                 "ts_ms": ts}
+    if kind == "actions":
+        fields |= {"action": _mostly(st.integers(1, 6), st.integers(-1, 8),
+                                     st.sampled_from(["click", " Like", "teleport", "4"])),
+                   "value": floats}
+    else:
+        fields |= {"position": small, "category": small, "device": small, "hour": small,
+                   "gt_click": floats, "gt_like": floats, "gt_finish": floats}
+    return st.fixed_dictionaries(fields).map(lambda d: {k: v for k, v in d.items() if v is not _ABSENT})
+
+
+@given(data=st.data(), kind=st.sampled_from(["impressions", "actions"]), n=st.integers(1, 40),
+       watermark=st.one_of(st.none(), st.integers(T0 - 4_000_000, T0 + 4_000_000)))
+def test_validate_agrees_with_a_per_row_reference(data: st.DataObject, kind: str, n: int,
+                                                   watermark: int | None) -> None:
+    rows = data.draw(st.lists(_values(kind), min_size=n, max_size=n))
+    table = _columns_from_rows(rows)
+    cfg = ValidationConfig()
+    split = validate(table, kind, watermark_ms=watermark, config=cfg)
+    want_good, want_why = _reference(table.to_pylist(), kind, watermark, cfg)
+    assert list(split.reasons) == want_why
+    schema = IMPRESSION_SCHEMA if kind == "impressions" else ACTION_SCHEMA
+    assert split.good.equals(pa.RecordBatch.from_pylist(want_good, schema=schema))
+    assert split.bad.num_rows == len(want_why)
