@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 from numpy.testing import assert_array_equal
 
-from streamrec.errors import DeadlineExceeded
+from streamrec.errors import DeadlineExceeded, RemoteError
 from streamrec.ps.client import PSClient, WriteAck
 from streamrec.ps.local import LocalCluster, loopback_spec
 
@@ -29,6 +29,7 @@ _DIM = 8
 _B = 64  # keys per batch
 _COUNTER = np.arange(1 << 40, (1 << 40) + 8, dtype=np.uint64)
 _ELECTION_S = (1.5, 4.0)
+_STALENESS_S = 3.0
 
 
 def _rows(keys: np.ndarray, version: int) -> np.ndarray:
@@ -45,7 +46,8 @@ def _batch_keys(i: int) -> np.ndarray:
 @pytest.fixture(scope="module")
 def cluster() -> Iterator[LocalCluster]:
     spec = loopback_spec(f"strong-{os.getpid()}", zones=3, nodes_per_zone=1, shards=1, dim=_DIM,
-                         optimizer="none", mode="strong", election_timeout_s=_ELECTION_S, max_staleness_s=3.0)
+                         optimizer="none", mode="strong", election_timeout_s=_ELECTION_S,
+                         max_staleness_s=_STALENESS_S)
     assert spec.mode("emb") == "strong"
     with LocalCluster(spec) as c:
         c.start(timeout_s=300)
@@ -95,21 +97,31 @@ def _leader(cluster: LocalCluster) -> str:
     raise AssertionError("no leader within 60 s")
 
 
-def _check_replicas(ps: PSClient, nodes: list[str], w: _Writer) -> None:
+def _check_replicas(ps: PSClient, nodes: list[str], w: _Writer, wait_s: float = 30.0) -> None:
     """Every acknowledged batch is on every node once: its rows are there, and the counter
-    counts each acknowledged step once (plus, at most, the steps whose calls failed)."""
+    counts each acknowledged step once (plus, at most, the steps whose calls failed).
+
+    A member read alone is within its staleness bound, not necessarily current, so it
+    is read again until it shows every acknowledged batch (at most ``wait_s``); at no
+    read may it show a wrong row or a step applied twice.
+    """
     keys = np.concatenate([_batch_keys(i) for i in w.acked])
     want = np.concatenate([_rows(_batch_keys(i), i) for i in w.acked])
     for name in nodes:
-        values, found = ps.find("emb", keys, node=name)
-        assert found.all(), f"{name}: {np.count_nonzero(~found)} acknowledged rows missing"
-        assert_array_equal(values, want, err_msg=name)
-        counter, found = ps.find("emb", _COUNTER, node=name)
-        assert found.all()
-        applied = counter[:, 0]
-        assert (applied == applied[0]).all()
-        assert len(w.acked) <= applied[0] <= len(w.acked) + w.failed, (name, applied[0], len(w.acked),
-                                                                        w.failed)
+        deadline = time.monotonic() + wait_s
+        while True:
+            values, found = ps.find("emb", keys, node=name)
+            assert_array_equal(values[found], want[found], err_msg=name)
+            counter, c_found = ps.find("emb", _COUNTER, node=name)
+            assert c_found.all()
+            applied = counter[:, 0]
+            assert (applied == applied[0]).all()
+            assert applied[0] <= len(w.acked) + w.failed, (name, applied[0], len(w.acked), w.failed)
+            if found.all() and applied[0] >= len(w.acked):
+                break
+            assert time.monotonic() < deadline, (f"{name}: {np.count_nonzero(~found)} acknowledged rows "
+                                                 f"missing, counter {applied[0]} of {len(w.acked)}")
+            time.sleep(0.2)
 
 
 def _all_ready(cluster: LocalCluster, timeout_s: float = 120) -> None:
@@ -168,12 +180,24 @@ def test_paused_follower_catches_up(cluster: LocalCluster) -> None:
         pid = cluster.pid(follower)
         assert pid is not None
         os.kill(pid, signal.SIGSTOP)
-        try:  # paused past its election timeout: resumed, it may also stand for election (no pre-vote)
+        try:  # paused past its election timeout and staleness bound (resumed, it may stand for election)
             t0 = time.monotonic()
-            while time.monotonic() - t0 < 2 * _ELECTION_S[0] or len(w.acked) < 30:
+            while time.monotonic() - t0 < _STALENESS_S + 1.5 or len(w.acked) < 30:
                 w.write()
         finally:
             os.kill(pid, signal.SIGCONT)
+        # Resumed, it knows an old commit index of the leader: until it caught up it must not
+        # serve, and whatever it serves holds every batch acknowledged more than the bound ago.
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < 2.0:
+            due = time.monotonic() - _STALENESS_S
+            old = [i for i, at in zip(w.acked, w.acked_at, strict=True) if at < due]
+            keys = np.concatenate([_batch_keys(i) for i in old])
+            try:
+                _, found = ps.find("emb", keys, node=follower)
+            except RemoteError:  # not ready: behind its bound
+                continue
+            assert found.all(), f"{follower} served reads {np.count_nonzero(~found)} rows behind its bound"
         for _ in range(30):  # the group keeps taking writes while it catches up
             w.write()
         _settled(ps, cluster, w)
@@ -230,3 +254,25 @@ def test_all_members_restarted_at_once(cluster: LocalCluster) -> None:
         _settled(ps, cluster, w)
         _check_replicas(ps, names, w)
         w.write()
+
+
+def test_member_restarted_from_its_snapshot_serves_the_logs_table(cluster: LocalCluster) -> None:
+    _all_ready(cluster)
+    with PSClient(cluster.spec, transports=("tcp",), timeout_s=30.0) as ps:
+        w = _Writer(ps)
+        w.reset_counter()
+        for _ in range(10):
+            w.write()
+        follower = next(n for n in _live(cluster) if n != _leader(cluster))
+        dump = ps.snapshot()[follower]["snapshots"]["emb/0"]  # the log's snapshot, which truncates it
+        deadline = time.monotonic() + 30
+        while not os.path.exists(dump):  # written at the member's next tick
+            assert time.monotonic() < deadline, f"no snapshot at {dump}"
+            time.sleep(0.05)
+        time.sleep(0.5)
+        cluster.kill(follower)
+        for _ in range(10):  # entries it must replay from the leader on top of its snapshot
+            w.write()
+        cluster.start([follower], timeout_s=120)
+        _settled(ps, cluster, w)
+        _check_replicas(ps, [follower], w)

@@ -34,7 +34,10 @@ Reads. The leader serves linearizable reads by committing a no-op barrier and
 reading after it applies (``read(..., linearizable=True)``); any replica
 serves reads whose staleness is bounded by ``max_staleness_s``: it answers only
 if it had applied everything the leader had committed at a moment at most that
-long ago (checked on every Raft tick), else raises :class:`TooStale`.
+long ago (checked on every Raft tick, against the commit index of the last
+append-entries it received, dated no later than the tick before it was read:
+so a follower resumed from a pause is stale until the leader's next message),
+else raises :class:`TooStale`.
 
 Snapshots. When the log passes ``snapshot_min_entries`` (or on
 ``force_snapshot``), pysyncobj calls our serializer: one file holding the
@@ -317,6 +320,9 @@ class BatchLog(SyncObj):
         self._entries_in_flight = 0
         self.corrupt: Exception | None = None
         self._fresh_at = 0.0   # monotonic time at which this replica last held all the leader had committed
+        self._tick_at = 0.0    # when the previous tick's callback ran (before that tick read messages)
+        self._deadline_seen = 0.0
+        self._heard_at = 0.0   # a lower bound on when the leader's commit index known here was received
         conf = SyncObjConf(
             raftMinTimeout=cfg.election_timeout_s[0], raftMaxTimeout=cfg.election_timeout_s[1],
             appendEntriesPeriod=cfg.heartbeat_s, appendEntriesUseBatch=not cfg.send_each_entry,
@@ -504,15 +510,25 @@ class BatchLog(SyncObj):
         return time.monotonic() - self._fresh_at if self._fresh_at else float("inf")
 
     def _on_tick(self) -> None:
+        now, before = time.monotonic(), self._tick_at
+        self._tick_at = now
         if self._isLeader():
-            self._fresh_at = time.monotonic()
+            self._fresh_at = now
             return
+        # The leader's commit index known here is only as fresh as the message that brought it:
+        # after a pause (SIGSTOP) it is old, and holding it proves nothing. pysyncobj pushes the
+        # election deadline back on every append-entries from the leader, and reads messages
+        # after the tick callbacks, so a changed deadline means news that arrived after the
+        # previous callback ran.
+        deadline = self._SyncObj__raftElectionDeadline
+        if deadline != self._deadline_seen:
+            self._deadline_seen, self._heard_at = deadline, before
         status_leader = self._getLeader()
         if status_leader is None or not self.isNodeConnected(status_leader):
             return
         leader_commit = self.getStatus().get("leader_commit_idx")
         if leader_commit is not None and self.raftLastApplied >= leader_commit:
-            self._fresh_at = time.monotonic()
+            self._fresh_at = max(self._fresh_at, self._heard_at)
 
     # -- state --------------------------------------------------------------
 

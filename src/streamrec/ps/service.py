@@ -287,8 +287,10 @@ class Service:
                                   "for its Raft journal", field="node.data_dir")
             rep = self.replicas[(t, s)]
             rep.max_staleness_s = spec.tables[t].max_staleness_s
-            rep.log = _strong.open_log(spec, node, t, s, self.data_dir, rep.table.name)
-            rep.table.close()  # the empty client-mode table: the log made its own
+            unused = rep.table  # the empty client-mode table made above: the log makes its own
+            rep.log = _strong.open_log(spec, node, t, s, self.data_dir, unused.name)
+            unused.close()
+            shutil.rmtree(self.live_dir(t, s), ignore_errors=True)  # its files: /dev/shm is memory
         for t, s in spec.serving_on(node):  # read-only: not ready until its follower synced it
             self.replicas[(t, s)] = ShardReplica(t, s, self._new_table(t, s), ready=False, has_peers=False,
                                                  role=SERVING, ring=UpdateRing(spec.tables[t].ring_bytes))
