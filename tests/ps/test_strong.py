@@ -22,6 +22,7 @@ import pytest
 from numpy.testing import assert_array_equal
 
 from streamrec.errors import DeadlineExceeded, RemoteError
+from streamrec.ps._status import cluster_status
 from streamrec.ps.client import PSClient, WriteAck
 from streamrec.ps.local import LocalCluster, loopback_spec
 
@@ -165,6 +166,8 @@ def test_leader_killed_mid_stream_loses_nothing_and_the_writer_resumes(cluster: 
         assert new != old and ps.leaders[(0, 0)] == new
         _settled(ps, cluster, w)
         _check_replicas(ps, _live(cluster), w)
+        rows = [r for r in cluster_status(cluster.spec) if r["up"]]  # `streamrec ps status`
+        assert {r["node"] for r in rows} == set(_live(cluster)) and {r["root"] for r in rows} == {new}
         # the killed member rejoins from its journal and the log, and reports ready only once caught up
         cluster.start([old], timeout_s=120)
         _check_replicas(ps, [old], w)

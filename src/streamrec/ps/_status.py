@@ -11,6 +11,11 @@ last commit time minus that of the last batch it applied (0 when caught up).
 A serving replica whose epoch no writable replica holds (it is re-syncing, or
 its root is down) has no lag to state: ``None``.
 
+A strong table's member (Raft) shows its applied log index as its seq, the
+leader it knows as its root, its lag in entries behind the leader's applied
+index (as each answered) and its staleness in seconds (``None`` when it has
+never caught up).
+
 Thread safety: pure functions of what the nodes answered; no shared state.
 """
 
@@ -58,7 +63,14 @@ def cluster_status(spec: ClusterSpec, timeout_s: float = 1.0) -> list[dict[str, 
                 if shard is not None and "epoch" in shard:
                     row.update(epoch=shard["epoch"], seq=shard["seq"], commit_ns=shard["commit_ns"],
                                parent=shard.get("parent") or None)
+                if shard is not None and shard.get("mode") == "strong":  # a Raft member: its log index
+                    row.update(seq=shard["applied_index"], root=shard["leader"] or None,
+                               lag_s=shard["staleness_s"])
                 here.append(row)
+            applied = {r["node"]: r["seq"] for r in here if r["root"] is not None}
+            for r in here:  # strong: batches behind the leader's applied index, as each one answered
+                if r["root"] in applied and r["seq"] is not None:
+                    r["lag_batches"] = max(applied[r["root"]] - r["seq"], 0)
             roots = {r["epoch"]: r for r in here if r["role"] == "writable" and r["epoch"] is not None}
             for r in here:
                 root = roots.get(r["epoch"]) if r["epoch"] is not None else None
