@@ -73,7 +73,7 @@ def test_event_to_update_latency_probe() -> None:
 
 
 def test_a_failed_pipeline_is_raised_not_waited_for(tmp_path: Path) -> None:
-    pcfg = PipelineConfig(source="parquet", impressions=str(tmp_path / "none.parquet"),
+    pcfg = PipelineConfig(source="files", impressions=str(tmp_path / "none.parquet"),
                           actions=str(tmp_path / "none2.parquet"), output=str(tmp_path / "s"), progress=False)
     with pytest.raises(FileNotFoundError):
         train_online(pcfg, lambda b: make_model("mean", _MODEL.for_batch(b)))

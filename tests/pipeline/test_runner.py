@@ -94,7 +94,7 @@ def test_files_and_generator_agree_and_subscribers_see_the_files(tmp_path: Path)
     t.start()
     stats = gen.run()
     t.join(timeout=60)
-    files = EmbeddedRunner(PipelineConfig(output=str(tmp_path / "files"), join=join, source="parquet",
+    files = EmbeddedRunner(PipelineConfig(output=str(tmp_path / "files"), join=join, source="files",
                                           impressions=str(tmp_path / "events" / "impressions"),
                                           actions=str(tmp_path / "events" / "actions"), **common),
                            resume=False)
@@ -111,6 +111,41 @@ def test_files_and_generator_agree_and_subscribers_see_the_files(tmp_path: Path)
     # a finished run started again does nothing more
     again = EmbeddedRunner(PipelineConfig(output=str(tmp_path / "gen"), join=join, **common))
     assert again.run().samples == stats.samples
+
+
+def test_bad_events_in_files_go_to_dead_letters_and_change_no_sample(tmp_path: Path) -> None:
+    """source = "files": JSONL files with bad events beside the good ones; the run never stops, every bad
+    event is in the dead-letter file with its reason, and the samples equal those of the clean files."""
+    import json
+    import shutil
+
+    write_events(GEN, tmp_path / "clean", events=8_000, rows_per_file=3000)
+    shutil.copytree(tmp_path / "clean", tmp_path / "dirty")
+    t0 = GEN.start_ms
+    bad_imps = [{"request_id": 1, "user_id": 2, "item_id": 3, "ts_ms": t0, "position": 0, "category": 1,
+                 "device": 0},                                              # no hour
+                {"request_id": "x", "user_id": 2, "item_id": 3, "ts_ms": t0, "position": 0, "category": 1,
+                 "device": 0, "hour": 1},                                   # mistyped id
+                {"request_id": 1, "user_id": -5, "item_id": 3, "ts_ms": t0, "position": 0, "category": 1,
+                 "device": 0, "hour": 1}]                                   # id out of range
+    bad_acts = [{"request_id": 1, "user_id": 2, "item_id": 3, "ts_ms": t0, "action": 99, "value": 0.0},
+                {"request_id": 1, "user_id": 2, "item_id": 3, "ts_ms": t0, "action": "warp", "value": 0.0},
+                {"request_id": 1, "user_id": 2, "item_id": 3, "ts_ms": t0, "value": 0.0}]
+    for kind, rows in (("impressions", bad_imps), ("actions", bad_acts)):
+        (tmp_path / "dirty" / kind / "0000-bad.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    join = JoinConfig(window_s=30, huge_pages=False)
+    runs = {}
+    for name in ("clean", "dirty"):
+        r = EmbeddedRunner(PipelineConfig(output=str(tmp_path / f"out-{name}"), join=join, source="files",
+                                          impressions=str(tmp_path / name / "impressions"),
+                                          actions=str(tmp_path / name / "actions"), batch_ms=500,
+                                          progress=False), resume=False)
+        runs[name] = r.run()
+    assert samples_of(tmp_path / "out-dirty").equals(samples_of(tmp_path / "out-clean"))
+    assert runs["clean"].dead_letters == {} and sum(runs["dirty"].dead_letters.values()) == 6
+    lines = [json.loads(x) for x in (tmp_path / "out-dirty" / "_dead_letters.jsonl").read_text().splitlines()]
+    assert len(lines) == 6 and all(x["reason"] for x in lines)
+    assert {x["kind"] for x in lines} == {"impressions", "actions"}
 
 
 def test_config_file_errors_name_the_field(tmp_path: Path) -> None:

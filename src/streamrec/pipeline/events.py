@@ -330,6 +330,9 @@ class EventReader:
         kind: "impressions" or "actions".
         dead_letters: where refused rows go (None: they are only counted in ``refused``).
         config: the ``ValidationConfig``.
+        sort: sort each read's good rows by ``ts_ms`` (default); False keeps arrival order, for a consumer
+            that orders by event time itself (the embedded runner's micro-batch grid: sorting per read
+            would make which actions count as late depend on how many rows a read takes).
 
     Attributes:
         watermark_ms: set by a runner to judge ``too_late`` against its watermark; None: against the largest
@@ -343,11 +346,12 @@ class EventReader:
     """
 
     def __init__(self, source: Source, kind: str, *, dead_letters: DeadLetters | None = None,
-                 config: ValidationConfig | None = None) -> None:
+                 config: ValidationConfig | None = None, sort: bool = True) -> None:
         self.schema = schema_of(kind)
         self.source, self.kind = source, kind
         self.dead_letters = dead_letters
         self.config = config if config is not None else ValidationConfig()
+        self.sort = sort
         self.watermark_ms: int | None = None
         self.refused = 0
         self._frontier: int | None = None
@@ -381,7 +385,7 @@ class EventReader:
         good = split.good
         if good.num_rows:
             ts = good.column("ts_ms").to_numpy()
-            if not np.all(ts[1:] >= ts[:-1]):
+            if self.sort and not np.all(ts[1:] >= ts[:-1]):
                 good = good.take(pa.array(np.argsort(ts, kind="stable")))
             top = int(ts.max())
             self._frontier = top if self._frontier is None else max(self._frontier, top)
@@ -407,7 +411,8 @@ def open_source(path_or_iter: str | Path | Source | Iterable[pa.RecordBatch] | C
 def read_events(path_or_iter: str | Path | Source | Iterable[pa.RecordBatch] | Callable[[], Iterable[Any]],
                 kind: str = "impressions", *, dead_letters: DeadLetters | None = None,
                 config: ValidationConfig | None = None, max_rows: int = 65_536, tail: bool = False,
-                poll_s: float = 0.2, idle_timeout_s: float | None = None) -> Iterator[pa.RecordBatch]:
+                poll_s: float = 0.2, idle_timeout_s: float | None = None, skip: int = 0, sort: bool = True
+                ) -> Iterator[pa.RecordBatch]:
     """Validated record batches of ``kind`` from a path, a ``Source`` or an iterable, in event-time order
     (files by name, each batch sorted by ``ts_ms``); bad rows go to ``dead_letters``; it never stops for one.
 
@@ -415,13 +420,24 @@ def read_events(path_or_iter: str | Path | Source | Iterable[pa.RecordBatch] | C
         tail: follow a directory as it grows (then it ends only after ``idle_timeout_s`` without a new row;
             None: never).
         max_rows: rows per raw read (a batch may come out smaller after validation).
+        sort: sort each read by event time (default); False keeps arrival order (``EventReader``).
+        skip: drop the first ``skip`` good rows, without writing again the refused rows of the raw reads
+            that held them (a resumed runner re-reads what it consumed; reads are deterministic, so those
+            were written by the first run). Dead letters are thus at least once: a crash repeats those of
+            raw reads past the resume point that the first run had read ahead.
     """
     source = open_source(path_or_iter, kind, dead_letters=dead_letters, tail=tail, poll_s=poll_s)
-    reader = EventReader(source, kind, dead_letters=dead_letters, config=config)
+    reader = EventReader(source, kind, dead_letters=None if skip else dead_letters, config=config, sort=sort)
     idle_since = time.monotonic()
     try:
         while True:
             batch = reader.read(max_rows)
+            if skip and batch is not None:
+                if batch.num_rows <= skip:
+                    skip -= batch.num_rows
+                    continue
+                batch, skip = batch.slice(skip), 0
+                reader.dead_letters = dead_letters
             if batch is None:
                 if reader.finished:
                     return

@@ -47,7 +47,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from streamrec.errors import ConfigError
-from streamrec.pipeline.events import ACTION_SCHEMA, IMPRESSION_SCHEMA
+from streamrec.pipeline.deadletter import DeadLetters
+from streamrec.pipeline.events import ACTION_SCHEMA, IMPRESSION_SCHEMA, read_events
 from streamrec.pipeline.generate import GeneratorConfig, generate
 from streamrec.pipeline.join import JoinConfig, SampleJoin
 
@@ -65,10 +66,14 @@ class PipelineConfig:
 
     Attributes:
         source: ``"generate"`` (default: the traffic generator in-process, ``generator`` and ``events``)
-            or ``"parquet"`` (``impressions`` and ``actions``: a Parquet file or a directory of them,
-            read in name order, rows in arrival order, as ``write_events`` writes them; not validated:
-            ``read_events``' sources, with dead letters, JSONL/CSV and tail mode, are not wired in yet).
-        impressions, actions: paths for ``source = "parquet"``.
+            or ``"files"`` (``impressions`` and ``actions``: a file or a directory of JSONL, Parquet or CSV
+            files, read in name order through ``events.read_events``: validated, in arrival order,
+            refused rows written to ``dead_letters`` with their reason).
+        impressions, actions: paths for ``source = "files"``.
+        dead_letters: the dead-letter file for ``source = "files"`` (``.parquet`` or JSONL); default
+            ``<output>/_dead_letters.jsonl``.
+        tail: follow the directories as they grow (files appear by rename from ``*.tmp``; default False).
+        idle_timeout_s: in tail mode, end the run after this long without a new event (default 0: never).
         events: events the generator draws (default 1,000,000).
         generator: the ``GeneratorConfig`` (TOML table ``[generator]``).
         join: the ``JoinConfig`` (TOML table ``[join]``).
@@ -87,9 +92,12 @@ class PipelineConfig:
         progress: show a progress bar (default True; off when not a terminal).
     """
 
-    source: Literal["generate", "parquet"] = "generate"
+    source: Literal["generate", "files"] = "generate"
     impressions: str = ""
     actions: str = ""
+    dead_letters: str = ""
+    tail: bool = False
+    idle_timeout_s: float = 0.0
     events: int = 1_000_000
     generator: GeneratorConfig = field(default_factory=GeneratorConfig)
     join: JoinConfig = field(default_factory=JoinConfig)
@@ -106,12 +114,15 @@ class PipelineConfig:
     progress: bool = True
 
     def __post_init__(self) -> None:
-        if self.source not in ("generate", "parquet"):
-            raise ConfigError(f"must be 'generate' or 'parquet', got {self.source!r}",
+        if self.source not in ("generate", "files"):
+            raise ConfigError(f"must be 'generate' or 'files', got {self.source!r}",
                               field="pipeline.source")
-        if self.source == "parquet" and not (self.impressions and self.actions):
-            raise ConfigError("source 'parquet' needs both impressions and actions paths",
+        if self.source == "files" and not (self.impressions and self.actions):
+            raise ConfigError("source 'files' needs both impressions and actions paths",
                               field="pipeline.impressions")
+        if not (isinstance(self.idle_timeout_s, (int, float)) and self.idle_timeout_s >= 0):
+            raise ConfigError(f"must be a number >= 0, got {self.idle_timeout_s!r}",
+                              field="pipeline.idle_timeout_s")
         if self.features not in ("default", "none"):
             raise ConfigError(f"must be 'default' or 'none', got {self.features!r}",
                               field="pipeline.features")
@@ -174,6 +185,7 @@ class RunStats:
     files: int = 0
     seconds: float = 0.0
     join: dict[str, int] = field(default_factory=dict)
+    dead_letters: dict[str, int] = field(default_factory=dict)
 
 
 def committed_files(output: str | os.PathLike[str], checkpoint_dir: str | os.PathLike[str] | None = None
@@ -231,23 +243,6 @@ class _Reader:
         self._stop.set()
 
 
-def _parquet_batches(path: str) -> Iterator[pa.RecordBatch]:
-    p = Path(path)
-    files = sorted(p.glob("*.parquet")) if p.is_dir() else [p]
-    for f in files:
-        yield from pq.ParquetFile(f).iter_batches(batch_size=65_536)
-
-
-def _skip(batches: Iterator[pa.RecordBatch], rows: int) -> Iterator[pa.RecordBatch]:
-    """The batches after the first ``rows`` rows (a resumed source re-reads and drops what it consumed)."""
-    for b in batches:
-        if rows >= b.num_rows:
-            rows -= b.num_rows
-            continue
-        yield b.slice(rows) if rows else b
-        rows = 0
-
-
 class _Streams:
     """The two event streams: buffers of rows not yet taken, fed by the readers, and rows consumed."""
 
@@ -256,12 +251,14 @@ class _Streams:
         self.buf: list[list[pa.RecordBatch]] = [[], []]
         self._max: list[list[int]] = [[], []]  # max ts_ms of each buffered batch
         self.done = [False, False]
+        self.dead_letters: DeadLetters | None = None
         depth = cfg.queue_batches
         if cfg.source == "generate":
             gen, n = cfg.generator, cfg.events
             self._readers = [_Reader(lambda: _skip_pairs(generate(gen, n), offsets), depth)]
         else:
-            self._readers = [_Reader(_file_source(path, i, offsets[i]), depth)
+            self.dead_letters = DeadLetters(cfg.dead_letters or Path(cfg.output) / "_dead_letters.jsonl")
+            self._readers = [_Reader(_file_source(cfg, path, i, offsets[i], self.dead_letters), depth)
                              for i, path in enumerate((cfg.impressions, cfg.actions))]
 
     def _reader_of(self, s: int) -> _Reader:
@@ -319,12 +316,19 @@ class _Streams:
     def close(self) -> None:
         for r in self._readers:
             r.close()
+        if self.dead_letters is not None:
+            self.dead_letters.close()
 
 
-def _file_source(path: str, stream: int, offset: int
+def _file_source(cfg: PipelineConfig, path: str, stream: int, offset: int, dead_letters: DeadLetters
                  ) -> Callable[[], Iterator[tuple[pa.RecordBatch | None, pa.RecordBatch | None]]]:
+    """Stream ``stream``'s validated events after the first ``offset`` good rows (a resumed source
+    re-reads and drops what it consumed)."""
     def chunks() -> Iterator[tuple[pa.RecordBatch | None, pa.RecordBatch | None]]:
-        for b in _skip(_parquet_batches(path), offset):
+        # Arrival order: the micro-batch grid orders by event time and counts rows behind a later one
+        # as late, the same for a file as for the generator; a per-read sort would move that line.
+        for b in read_events(path, _STREAMS[stream], dead_letters=dead_letters, tail=cfg.tail, skip=offset,
+                             idle_timeout_s=cfg.idle_timeout_s or None, sort=False):
             yield (b, None) if stream == 0 else (None, b)
 
     return chunks
@@ -450,6 +454,7 @@ class EmbeddedRunner:
             else:
                 self.stores = self.features.make_stores(sequences=self.join.sequences)
         self._sink = _Sink(out, config.rows_per_file, self._epoch + 1, state["files"] if state else [])
+        self._refused: tuple[dict[str, int], DeadLetters | None] = ({}, None)
         self._subs: list[queue.Queue[Any]] = []
         self._subs_lock = threading.Lock()
 
@@ -497,6 +502,7 @@ class EmbeddedRunner:
         self.stats.checkpoints += 1
         self.stats.files = len(self._sink.files)
         self.stats.join = dict(self.join.counts)
+        self._count_refused()
         state = {"offsets": self._offsets, "cut": self._cut, "epoch": self._epoch, "files": self._sink.files,
                  "join": dataclasses.asdict(self.config.join), "finished": finished,
                  "stats": dataclasses.asdict(self.stats)}
@@ -518,6 +524,7 @@ class EmbeddedRunner:
             self._close_subs()
             return self.stats
         streams = _Streams(cfg, self._offsets)
+        self._refused = (dict(self.stats.dead_letters), streams.dead_letters)
         progress = _Progress(cfg.progress)
         first_cut: int | None = None
         wall0 = time.monotonic()
@@ -559,10 +566,17 @@ class EmbeddedRunner:
             self._finished = True
         finally:
             streams.close()
+            self._count_refused()
             progress.close()
             self.stats.seconds += time.perf_counter() - t_start
             self._close_subs()  # also when the run fails: a subscriber must not wait for ever
         return self.stats
+
+    def _count_refused(self) -> None:
+        """Dead letters by reason: those of earlier runs (resumed) plus this run's."""
+        base, dl = self._refused
+        if dl is not None:
+            self.stats.dead_letters = {k: base.get(k, 0) + dl.count.get(k, 0) for k in base.keys() | dl.count}
 
     def _step(self, imps: pa.RecordBatch | None, acts: pa.RecordBatch | None, wm: int) -> None:
         if self.stores is not None:
