@@ -4,6 +4,7 @@ generator's best achievable (which would mean a leak)."""
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 from typing import Literal
 
@@ -75,5 +76,16 @@ def test_event_to_update_latency_probe() -> None:
 def test_a_failed_pipeline_is_raised_not_waited_for(tmp_path: Path) -> None:
     pcfg = PipelineConfig(source="files", impressions=str(tmp_path / "none.parquet"),
                           actions=str(tmp_path / "none2.parquet"), output=str(tmp_path / "s"), progress=False)
-    with pytest.raises(FileNotFoundError):
-        train_online(pcfg, lambda b: make_model("mean", _MODEL.for_batch(b)))
+    raised: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            train_online(pcfg, lambda b: make_model("mean", _MODEL.for_batch(b)))
+        except BaseException as exc:
+            raised.append(exc)
+
+    t = threading.Thread(target=run, daemon=True)  # a hang fails the test instead of the suite
+    t.start()
+    t.join(60)
+    assert not t.is_alive(), "train_online still waiting on a pipeline that failed"
+    assert raised and isinstance(raised[0], FileNotFoundError), raised
