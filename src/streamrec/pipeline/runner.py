@@ -257,6 +257,9 @@ class _Streams:
             gen, n = cfg.generator, cfg.events
             self._readers = [_Reader(lambda: _skip_pairs(generate(gen, n), offsets), depth)]
         else:
+            for path in (cfg.impressions, cfg.actions):  # a missing input is a mistake, not a dead letter
+                if not Path(path).exists():
+                    raise FileNotFoundError(f"pipeline source {path!r} does not exist")
             self.dead_letters = DeadLetters(cfg.dead_letters or Path(cfg.output) / "_dead_letters.jsonl")
             self._readers = [_Reader(_file_source(cfg, path, i, offsets[i], self.dead_letters), depth)
                              for i, path in enumerate((cfg.impressions, cfg.actions))]
@@ -523,7 +526,11 @@ class EmbeddedRunner:
         if self._finished:
             self._close_subs()
             return self.stats
-        streams = _Streams(cfg, self._offsets)
+        try:
+            streams = _Streams(cfg, self._offsets)
+        except BaseException:
+            self._close_subs()  # a subscriber must not wait for a run that never started
+            raise
         self._refused = (dict(self.stats.dead_letters), streams.dead_letters)
         progress = _Progress(cfg.progress)
         first_cut: int | None = None
