@@ -82,6 +82,7 @@ from _ps_baselines import (
     LoadResult,
     RedisFindClient,
     load_redis,
+    redis_pid,
     run_clients,
     serve_conventional,
     serve_grpc_table,
@@ -208,7 +209,7 @@ def _baselines(rows: int) -> Iterator[dict[str, Any]]:
             console.print("  redis: loading ...")
             r = redis.Redis(host=host, port=port)
             load_redis(r, rows, DIM)
-            pid = int(r.info("server")["process_id"])
+            pid = redis_pid(r)
             r.close()
             paths["redis"] = (functools.partial(RedisFindClient, port, DIM), (pid,))
         yield paths
