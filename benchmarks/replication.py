@@ -311,7 +311,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--batched-sends", dest="send_each", action="store_false",
                     help="RaftLogConfig(send_each_entry=False): append-entries once per tick")
     args = ap.parse_args(argv)
-    secs = 1.0 if args.smoke else 3.0 if args.quick else 8.0
+    secs = 0.3 if args.smoke else 3.0 if args.quick else 8.0
     log_out = sys.stderr
     data = batches(64)
     none = measure_none(data, secs)

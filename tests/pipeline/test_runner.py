@@ -81,8 +81,8 @@ def test_sigkill_mid_stream_then_resume_loses_and_repeats_nothing(tmp_path: Path
 
 
 def test_files_and_generator_agree_and_subscribers_see_the_files(tmp_path: Path) -> None:
-    write_events(GEN, tmp_path / "events", events=20_000, rows_per_file=3000)
-    common: dict[str, Any] = {"batch_ms": 500, "checkpoint_every": 5, "progress": False, "events": 20_000,
+    write_events(GEN, tmp_path / "events", events=8_000, rows_per_file=3000)
+    common: dict[str, Any] = {"batch_ms": 500, "checkpoint_every": 5, "progress": False, "events": 8_000,
                               "generator": GEN}
     join = JoinConfig(window_s=30, huge_pages=False)
     gen = EmbeddedRunner(PipelineConfig(output=str(tmp_path / "gen"), join=join, **common), resume=False)

@@ -438,7 +438,7 @@ def test_text_of_an_empty_frame() -> None:
 
 def test_retriable_statuses() -> None:
     assert {s for s in Status if s.retriable} == {Status.DEADLINE, Status.OVERLOADED, Status.UNAVAILABLE,
-                                                 Status.NOT_HOSTED, Status.INTERNAL}
+                                                 Status.NOT_HOSTED, Status.INTERNAL, Status.NOT_LEADER}
     assert not Status.OK.retriable and not Status.BAD_REQUEST.retriable
 
 
