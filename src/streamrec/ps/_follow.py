@@ -294,11 +294,6 @@ class Follower:
 
 def _erase_unseen(rep: ShardReplica, seen: np.ndarray) -> None:
     """Writer lock held: erase the rows a sync's export did not carry (gone on the parent)."""
-    start, mine = 0, []
-    while start >= 0:
-        keys, _, start = rep.table.export_range(start, 65_536)
-        mine.append(keys)
-    local = np.concatenate(mine) if mine else np.empty(0, np.uint64)
-    gone = local[~np.isin(local, seen)]
+    gone = rep.keys_not_in(seen)
     if gone.size:
         rep.table.erase(gone)

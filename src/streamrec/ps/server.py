@@ -524,12 +524,7 @@ class StorageServer:
 def _drop_unseen(rep: ShardReplica, seen: np.ndarray) -> None:
     """Erase the rows the peer did not send (erased there while this replica lagged),
     except those live writes wrote since the fill began."""
-    start, mine = 0, []
-    while start >= 0:
-        keys, _, start = rep.table.export_range(start, 65_536)
-        mine.append(keys)
-    local = np.concatenate(mine) if mine else np.empty(0, np.uint64)
-    gone = local[~np.isin(local, seen)]
+    gone = rep.keys_not_in(seen)
     with rep.lock:
         gone = gone[_untouched(rep, gone)]
         if gone.size:

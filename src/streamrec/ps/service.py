@@ -245,6 +245,16 @@ class ShardReplica:
         Id 0 opts out of deduplication (a caller that never retries)."""
         return request_id != 0 and request_id in self._applied
 
+    def keys_not_in(self, seen: np.ndarray) -> np.ndarray:
+        """This replica's keys that ``seen`` lacks (rows a sync's export did not carry: gone at the
+        source). Reads the table in chunks; the caller decides, under the lock, what to erase."""
+        start, mine = 0, []
+        while start >= 0:
+            keys, _, start = self.table.export_range(start, 65_536)
+            mine.append(keys)
+        local = np.concatenate(mine) if mine else np.empty(0, np.uint64)
+        return local[~np.isin(local, seen)]
+
     def record(self, request_id: int) -> None:
         """Writer lock held: remember a write applied (only after it succeeded,
         so a retry after a failed attempt applies it)."""
