@@ -33,6 +33,8 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
 # first, before tests that load torch and Flink's JVM gateway into this process: a fork copies the
 # parent's page tables, and with torch and a gateway loaded the store's fork-heavy property tests ran
 # about 3x slower (TestSequenceModel: 12 s alone, 33 s after importing torch and starting a gateway).
+# The store goes first of all: its tests compile (and cache) the kernels that the servers of the ps
+# tests would otherwise compile in the middle of a timed fault test.
 _FIRST = ("store", "transport", "cluster", "ps")
 
 
@@ -43,7 +45,7 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
         try:
             part = item.path.relative_to(here).parts[0]
         except ValueError:
-            return 1
-        return 0 if part in _FIRST else 1
+            return len(_FIRST)
+        return _FIRST.index(part) if part in _FIRST else len(_FIRST)
 
     items.sort(key=rank)  # stable: each module's tests stay together and in order
